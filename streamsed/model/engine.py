@@ -1,0 +1,219 @@
+"""The inference engine: encode audio once, then KV-cached greedy decoding over many rows.
+
+``Engine.encode`` runs the feature extractor and the speech encoder on a batch of utterances.
+``Engine.decode`` then greedy-decodes any number of *rows* against that output: a row is
+(utterance index, Target), so several targets of one utterance share one encoder pass. All rows
+advance in lockstep with one ``EncoderDecoderCache``: cross-attention K/V are computed at the first
+step and reused, self-attention K/V grow by one position per step, and a row that emits EOS is
+pruned from the batch (and from the cache) so finished rows cost nothing.
+
+The output is token-for-token what ``model.generate(num_beams=1, do_sample=False)`` returns for the
+same encoder input; ``tests/test_engine_parity.py`` holds the engine to that.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import (
+    DynamicCache,
+    EncoderDecoderCache,
+    ForcedEOSTokenLogitsProcessor,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+)
+
+from .families import Family, Target, UnsupportedTarget, family_for
+
+__all__ = ["Engine", "EncodedBatch", "Hypothesis", "Target", "UnsupportedTarget", "DecodeStats"]
+
+
+@dataclass
+class EncodedBatch:
+    """Encoder output for a batch of utterances, already prepared for cross-attention."""
+
+    states: torch.Tensor  # [batch, frames, hidden]
+    mask: torch.Tensor | None  # [batch, frames] or None when nothing is padded
+    durations: list[float]  # seconds of audio per utterance
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # generated tokens, without prompt and EOS
+    text: str
+    target: Target
+
+
+@dataclass
+class DecodeStats:
+    """Counters of the last decode call, for benchmarks and batching tests."""
+
+    steps: int = 0  # decoder forward passes
+    rows: int = 0  # rows decoded
+    tokens: int = 0  # tokens generated over all rows
+    seconds: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)  # active rows at each step
+
+
+class Engine:
+    """Owns one model on one device. Not thread-safe: one worker thread drives it."""
+
+    def __init__(self, model, feature_extractor, tokenizer, *, name: str, device: torch.device, dtype: torch.dtype):
+        self.model = model.eval()
+        self.feature_extractor = feature_extractor
+        self.tokenizer = tokenizer
+        self.family: Family = family_for(model, tokenizer)
+        self.name = name
+        self.device = device
+        self.dtype = dtype
+        self.sample_rate = int(getattr(feature_extractor, "sampling_rate", 16000))
+        self.last_stats = DecodeStats()
+        self._input_name = feature_extractor.model_input_names[0]
+
+    # -- facts the pipeline needs -------------------------------------------------------------------
+    @property
+    def max_window_s(self) -> float | None:
+        """Longest audio the encoder accepts in one pass (Whisper: 30 s), None if unbounded."""
+        chunk = getattr(self.feature_extractor, "chunk_length", None)
+        return float(chunk) if self.family.name == "whisper" and chunk else None
+
+    @property
+    def languages(self) -> list[str]:
+        return sorted(self.family.languages)
+
+    def default_target(self) -> Target:
+        return self.family.default_target()
+
+    def check_target(self, target: Target) -> None:
+        """Raise UnsupportedTarget with a clear message if the model cannot produce ``target``."""
+        self.family.prompt(target)
+
+    # -- encoder ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, audios: list[np.ndarray]) -> EncodedBatch:
+        """Run the encoder once over float32 mono utterances at ``self.sample_rate``."""
+        if not audios:
+            raise ValueError("encode() needs at least one utterance")
+        inputs = self.feature_inputs(audios)
+        features = inputs[self._input_name].to(self.device, self.dtype)
+        feature_mask = inputs.get("attention_mask")
+        if feature_mask is not None:
+            feature_mask = feature_mask.to(self.device)
+        encoder = self.model.get_encoder()
+        kwargs = {"attention_mask": feature_mask} if feature_mask is not None else {}
+        hidden = encoder(features, **kwargs).last_hidden_state
+        states, mask = self.family.prepare_encoder_states(hidden, feature_mask)
+        return EncodedBatch(states, mask, [len(a) / self.sample_rate for a in audios])
+
+    def feature_inputs(self, audios: list[np.ndarray]):
+        """Feature-extractor output exactly as a user would pass it to ``model.generate``."""
+        kwargs = {"sampling_rate": self.sample_rate, "return_tensors": "pt"}
+        if self.family.name != "whisper":  # Whisper pads every input to its 30 s window itself
+            kwargs["padding"] = True
+        return self.feature_extractor([np.asarray(a, dtype=np.float32) for a in audios], **kwargs)
+
+    # -- decoder ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(
+        self, encoded: EncodedBatch, rows: list[tuple[int, Target]], max_new_tokens: int | None = None
+    ) -> list[Hypothesis]:
+        """Greedy-decode each (utterance index, target) row; results come back in row order."""
+        prompts = [self.family.prompt(target) for _, target in rows]  # validates every target first
+        stats = DecodeStats(rows=len(rows))
+        started = time.perf_counter()
+        tokens: list[list[int]] = [[] for _ in rows]
+        by_prompt_length: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            by_prompt_length.setdefault(len(prompt), []).append(i)
+        for row_ids in by_prompt_length.values():  # lockstep needs equal lengths; one group in practice
+            utterances = torch.tensor([rows[i][0] for i in row_ids], device=self.device)
+            mask = encoded.mask.index_select(0, utterances) if encoded.mask is not None else None
+            generated = self._greedy(
+                encoded.states.index_select(0, utterances), mask, [prompts[i] for i in row_ids], max_new_tokens, stats
+            )
+            for i, seq in zip(row_ids, generated):
+                tokens[i] = seq
+        stats.tokens = sum(len(t) for t in tokens)
+        stats.seconds = time.perf_counter() - started
+        self.last_stats = stats
+        return [
+            Hypothesis(seq, self.tokenizer.decode(seq, skip_special_tokens=True).strip(), target)
+            for seq, (_, target) in zip(tokens, rows)
+        ]
+
+    def transcribe(self, audios: list[np.ndarray], targets: list[Target], max_new_tokens: int | None = None):
+        """Encode ``audios`` once and decode every target of each; returns [utterance][target]."""
+        encoded = self.encode(audios)
+        rows = [(u, t) for u in range(len(audios)) for t in targets]
+        hyps = self.decode(encoded, rows, max_new_tokens)
+        return [hyps[u * len(targets) : (u + 1) * len(targets)] for u in range(len(audios))]
+
+    def _greedy(self, states, mask, prompts, max_new_tokens, stats) -> list[list[int]]:
+        prompt_length = len(prompts[0])
+        limit = self.family.max_target_positions - prompt_length
+        if max_new_tokens is not None:
+            limit = min(limit, max_new_tokens - self.family.forced_prompt_tokens(prompts[0]))
+        max_new = max(limit, 0)
+        processors = self._logits_processors(prompt_length, prompt_length + max_new)
+        eos = torch.tensor(self.family.eos_token_ids, device=self.device)
+
+        sequences = torch.tensor(prompts, device=self.device)  # full sequences of the live rows
+        live = list(range(len(prompts)))  # original position of each live row
+        results: list[list[int]] = [[] for _ in prompts]
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        step_input = sequences
+        for _ in range(max_new):
+            logits = self.family.step(step_input, states, mask, cache).float()
+            stats.steps += 1
+            stats.batch_sizes.append(len(live))
+            next_tokens = processors(sequences, logits).argmax(dim=-1)
+            sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
+            finished = torch.isin(next_tokens, eos)
+            for row, token, done in zip(live, next_tokens.tolist(), finished.tolist()):
+                if not done:
+                    results[row].append(token)
+            if bool(finished.all()):
+                break
+            if bool(finished.any()):
+                keep = (~finished).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                states = states.index_select(0, keep)
+                mask = mask.index_select(0, keep) if mask is not None else None
+                sequences = sequences.index_select(0, keep)
+                next_tokens = next_tokens.index_select(0, keep)
+                live = [live[i] for i in keep.tolist()]
+            step_input = next_tokens[:, None]
+        return results
+
+    def _logits_processors(self, prompt_length: int, max_length: int) -> LogitsProcessorList:
+        """The greedy-relevant processors ``generate`` builds from the generation config."""
+        config = self.family.generation_config
+        eos = self.family.eos_token_ids
+        suppress, begin_suppress = self.family.suppressed_tokens()
+        processors = LogitsProcessorList()
+        if config.repetition_penalty not in (None, 1.0):
+            processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+        if config.no_repeat_ngram_size:
+            processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+        if config.min_length and eos:
+            processors.append(MinLengthLogitsProcessor(config.min_length, eos, device=self.device))
+        if config.min_new_tokens and eos:
+            processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos, device=self.device))
+        if suppress:
+            processors.append(SuppressTokensLogitsProcessor(suppress, device=self.device))
+        if begin_suppress:
+            processors.append(SuppressTokensAtBeginLogitsProcessor(begin_suppress, prompt_length, device=self.device))
+        if config.forced_eos_token_id is not None:
+            processors.append(ForcedEOSTokenLogitsProcessor(max_length, config.forced_eos_token_id, device=self.device))
+        return processors

@@ -1,0 +1,287 @@
+"""Per-architecture knowledge: how to prompt a decoder and how to run one decoder step.
+
+Every speech seq2seq model the engine serves is one of three families:
+
+- ``whisper``: WhisperForConditionalGeneration. Prompt ``<|startoftranscript|><|lang|><|task|>
+  <|notimestamps|>``; suppress and begin-suppress token lists from its generation config.
+- ``speech_to_text``: Speech2TextForConditionalGeneration (fairseq S2T). Start token, plus a forced
+  target-language token for multilingual checkpoints.
+- ``speech_encoder_decoder``: SpeechEncoderDecoderModel, any speech encoder with any causal LM
+  decoder (BERT, GPT2, BART/mBART decoder...). Start token, plus a forced target-language BOS
+  token when the decoder's tokenizer has language tokens (mBART ``de_DE``, M2M ``__de__``).
+
+A family only knows token ids and module calls; the engine owns batching, caching and devices.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+class UnsupportedTarget(ValueError):
+    """A (source, target) language pair the loaded model cannot produce."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to produce from an utterance: ``target_lang`` text from ``source_lang`` speech.
+
+    ``None`` means "the model's default" (Whisper: detect/assume English and transcribe;
+    single-language models: their only output language).
+    """
+
+    source_lang: str | None = None
+    target_lang: str | None = None
+
+
+_LANGUAGE_TOKEN_PATTERNS = (
+    re.compile(r"^<\|([a-z]{2,3}|haw|yue)\|>$"),  # Whisper
+    re.compile(r"^__([a-z]{2,3})__$"),  # M2M100, Speech2Text multilingual
+    re.compile(r"^([a-z]{2,3})_[A-Z]{2}$"),  # mBART-50 / mBART-cc25
+    re.compile(r"^<lang:([a-z]{2,3})>$"),  # explicit tags in custom vocabularies
+)
+
+
+def language_tokens(tokenizer) -> dict[str, int]:
+    """Map ISO language codes to the ids of the tokenizer's language tokens (may be empty)."""
+    found: dict[str, int] = {}
+    for token, token_id in tokenizer.get_vocab().items():
+        for pattern in _LANGUAGE_TOKEN_PATTERNS:
+            match = pattern.match(token)
+            if match:
+                found.setdefault(match.group(1), token_id)
+                break
+    return found
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+class Family:
+    """Base class: prompt tokens, stop tokens and one cached decoder step for one architecture."""
+
+    name = "base"
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generation_config = model.generation_config
+        self.languages = language_tokens(tokenizer)
+        # generate() stops on the generation config's EOS only; a None there means "never stop early".
+        self.eos_token_ids = _as_list(self.generation_config.eos_token_id)
+        pad = self.generation_config.pad_token_id
+        self.pad_token_id = int(pad) if pad is not None else (self.eos_token_ids or [0])[0]
+
+    # -- prompts -------------------------------------------------------------------------------
+    def default_target(self) -> Target:
+        return Target()
+
+    def prompt(self, target: Target) -> list[int]:
+        raise NotImplementedError  # pragma: no cover - every family overrides it
+
+    def check_language(self, code: str | None, role: str) -> None:
+        if code is None or not self.languages or code in self.languages:
+            return
+        raise UnsupportedTarget(
+            f"{role} language {code!r} is not supported by this model "
+            f"(supported: {', '.join(sorted(self.languages))})"
+        )
+
+    @property
+    def max_target_positions(self) -> int:
+        return 448
+
+    def forced_prompt_tokens(self, prompt: list[int]) -> int:
+        """How many prompt tokens ``generate`` forces through a logits processor rather than
+        receiving as decoder input; they count against ``max_new_tokens`` there, so here too."""
+        return 0
+
+    # -- model calls -----------------------------------------------------------------------------
+    def prepare_encoder_states(self, hidden: torch.Tensor, feature_mask: torch.Tensor | None):
+        """Whatever is done once per encoder output before decoding (projection, mask downsampling)."""
+        return hidden, None
+
+    def step(self, input_ids, encoder_states, encoder_mask, cache) -> torch.Tensor:
+        """Run the decoder on the new ``input_ids`` with ``cache``; return last-position logits."""
+        raise NotImplementedError  # pragma: no cover
+
+    def suppressed_tokens(self) -> tuple[list[int], list[int]]:
+        """(always suppressed, suppressed at the first generated position)."""
+        return (
+            _as_list(self.generation_config.suppress_tokens),
+            _as_list(self.generation_config.begin_suppress_tokens),
+        )
+
+
+class WhisperFamily(Family):
+    name = "whisper"
+
+    def __init__(self, model, tokenizer):
+        super().__init__(model, tokenizer)
+        config = self.generation_config
+        lang_to_id = getattr(config, "lang_to_id", None) or {}
+        if lang_to_id:  # the generation config is the reference for the model's languages
+            self.languages = {tok.strip("<|>"): int(i) for tok, i in lang_to_id.items()}
+        self.multilingual = bool(getattr(config, "is_multilingual", bool(self.languages)))
+        task_to_id = getattr(config, "task_to_id", None) or {}
+        self.task_ids = {k: int(v) for k, v in task_to_id.items()}
+        self.start_token = int(config.decoder_start_token_id)
+        self.no_timestamps_token = getattr(config, "no_timestamps_token_id", None)
+
+    @property
+    def max_target_positions(self) -> int:
+        return int(self.model.config.max_target_positions)
+
+    def default_target(self) -> Target:
+        return Target("en", "en")
+
+    def prompt(self, target: Target) -> list[int]:
+        source = target.source_lang or "en"
+        wanted = target.target_lang or source
+        if not self.multilingual:
+            if source != "en" or wanted != "en":
+                raise UnsupportedTarget("this Whisper model is English-only (source and target must be 'en')")
+            tokens = [self.start_token]
+        else:
+            self.check_language(source, "source")
+            if wanted == source:
+                task = "transcribe"
+            elif wanted == "en":
+                task = "translate"
+            else:
+                raise UnsupportedTarget(
+                    f"Whisper cannot translate {source!r} into {wanted!r}: it transcribes "
+                    f"(target = source) or translates into English (target = 'en')"
+                )
+            tokens = [self.start_token, self.languages[source], self.task_ids[task]]
+        if self.no_timestamps_token is not None:
+            tokens.append(int(self.no_timestamps_token))
+        return tokens
+
+    def step(self, input_ids, encoder_states, encoder_mask, cache):
+        out = self.model.model.decoder(
+            input_ids=input_ids, encoder_hidden_states=encoder_states, cache=cache, use_cache=True
+        )
+        return self.model.proj_out(out.last_hidden_state[:, -1])
+
+
+class _StartTokenFamily(Family):
+    """Families whose prompt is a start token plus, for multilingual decoders, a language token."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__(model, tokenizer)
+        start = self.generation_config.decoder_start_token_id
+        if start is None:
+            start = getattr(model.config, "decoder_start_token_id", None)
+        if start is None:
+            start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        if start is None:
+            raise ValueError("the model defines no decoder_start_token_id and its tokenizer no [CLS]/BOS token")
+        self.start_token = int(start)
+        forced = self.generation_config.forced_bos_token_id
+        self.default_forced_bos = int(forced) if forced is not None else None
+
+    def default_target(self) -> Target:
+        if self.default_forced_bos is not None:
+            for code, token_id in self.languages.items():
+                if token_id == self.default_forced_bos:
+                    return Target(None, code)
+        return Target()
+
+    def prompt(self, target: Target) -> list[int]:
+        self.check_language(target.source_lang, "source")
+        if target.target_lang is None:
+            forced = self.default_forced_bos
+        elif self.languages:
+            self.check_language(target.target_lang, "target")
+            forced = self.languages[target.target_lang]
+        else:
+            raise UnsupportedTarget(
+                f"this model has no target-language tokens: it produces one fixed language, "
+                f"so target {target.target_lang!r} cannot be chosen (omit the target language)"
+            )
+        return [self.start_token] if forced is None else [self.start_token, forced]
+
+    def forced_prompt_tokens(self, prompt: list[int]) -> int:
+        return len(prompt) - 1  # the forced language BOS
+
+
+class Speech2TextFamily(_StartTokenFamily):
+    name = "speech_to_text"
+
+    @property
+    def max_target_positions(self) -> int:
+        return int(self.model.config.max_target_positions)
+
+    def prepare_encoder_states(self, hidden, feature_mask):
+        if feature_mask is None:
+            return hidden, None
+        return hidden, self.model.model._get_feature_vector_attention_mask(hidden.shape[1], feature_mask)
+
+    def step(self, input_ids, encoder_states, encoder_mask, cache):
+        out = self.model.model.decoder(
+            input_ids=input_ids,
+            encoder_hidden_states=encoder_states,
+            encoder_attention_mask=encoder_mask,
+            cache=cache,
+            use_cache=True,
+        )
+        return self.model.lm_head(out.last_hidden_state[:, -1])
+
+
+class SpeechEncoderDecoderFamily(_StartTokenFamily):
+    name = "speech_encoder_decoder"
+
+    @property
+    def max_target_positions(self) -> int:
+        decoder_config = self.model.decoder.config
+        return int(getattr(decoder_config, "max_position_embeddings", None) or getattr(decoder_config, "n_positions", 512))
+
+    def prepare_encoder_states(self, hidden, feature_mask):
+        # Mirrors SpeechEncoderDecoderModel.forward, done once instead of at every step.
+        model = self.model
+        if (
+            model.encoder_output_dim != model.decoder.config.hidden_size
+            and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None
+        ):
+            hidden = model.enc_to_dec_proj(hidden)
+        mask = None
+        if feature_mask is not None:
+            mask = model.encoder._get_feature_vector_attention_mask(hidden.shape[1], feature_mask)
+        return hidden, mask
+
+    def step(self, input_ids, encoder_states, encoder_mask, cache):
+        out = self.model.decoder(
+            input_ids=input_ids,
+            encoder_hidden_states=encoder_states,
+            encoder_attention_mask=encoder_mask,
+            cache=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]
+
+
+FAMILIES = {
+    "whisper": WhisperFamily,
+    "speech_to_text": Speech2TextFamily,
+    "speech-encoder-decoder": SpeechEncoderDecoderFamily,
+}
+
+
+def family_for(model, tokenizer) -> Family:
+    model_type = model.config.model_type
+    try:
+        return FAMILIES[model_type](model, tokenizer)
+    except KeyError:
+        raise ValueError(
+            f"unsupported model type {model_type!r}: streamsed serves Whisper, Speech2Text and "
+            f"SpeechEncoderDecoder models"
+        ) from None
