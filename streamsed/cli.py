@@ -1,0 +1,104 @@
+"""Command line: ``streamsed translate`` (offline files) and ``streamsed bench``.
+
+Every expected failure (bad audio, unknown language, model not available) ends with a one-line
+``streamsed: error: ...`` on stderr and exit status 2; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .translate import FORMATS
+
+log = logging.getLogger("streamsed")
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamsed", description="Streaming speech translation.")
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning (default) or error")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    translate = commands.add_parser("translate", help="translate or transcribe an audio file")
+    translate.add_argument("audio", help="mono audio file (WAV, FLAC, OGG...; any sample rate)")
+    add_model_options(translate)
+    translate.add_argument("--source-lang", default=None, help="spoken language, e.g. de (default: the model's)")
+    translate.add_argument(
+        "--target-lang", default=None,
+        help="output language(s), comma-separated, e.g. en or de,en (default: same as source = transcribe)",
+    )
+    translate.add_argument("--format", choices=FORMATS, default="text", help="output format (default: text)")
+
+    bench = commands.add_parser("bench", help="benchmarks (see bench/README.md)")
+    bench.add_argument("suite", choices=["decode"], help="decode: engine vs generate() vs faster-whisper")
+    add_model_options(bench)
+    bench.add_argument("--audio", default=None, help="audio file (default: synthesized English speech)")
+    bench.add_argument("--repeat", type=int, default=3, help="timed runs per contender (best is reported)")
+    bench.add_argument("--json", dest="json_path", default=None, help="also write results as JSON here")
+    return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    from .model.loading import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model reference (default: {DEFAULT_MODEL})")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+
+
+def run_translate(args) -> int:
+    from .audio import load_audio_file
+    from .model.loading import load_engine
+    from .translate import format_results, parse_language, resolve_targets, segment_audio, translate_segments
+
+    source = parse_language(args.source_lang, "source")
+    targets = [parse_language(t, "target") for t in (args.target_lang or "").split(",") if t.strip()]
+    if args.format in ("srt", "vtt") and len(targets) > 1:
+        raise UserError(f"--format {args.format} takes one target language; use jsonl for several")
+    audio, _ = load_audio_file(args.audio)  # check the input before the (slow) model load
+    engine = load_engine(args.model, device=args.device, dtype=args.dtype)
+    resolved = resolve_targets(engine, source, targets)
+    segments = segment_audio(engine, audio)
+    if not segments:
+        log.warning("no speech found in %s", args.audio)
+    results = list(translate_segments(engine, segments, resolved))
+    sys.stdout.write(format_results(results, args.format))
+    return 0
+
+
+def run_bench(args) -> int:
+    from .bench import run_decode_bench
+
+    return run_decode_bench(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.log_level.lower() != "debug":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # transformers' advice-level warnings are not for end users
+        hf_logging.disable_progress_bar()  # weight-loading bars on every start; ours shows the one-time conversion
+    from .audio import AudioError
+    from .model.families import UnsupportedTarget
+    from .model.loading import ModelUnavailable
+
+    try:
+        return {"translate": run_translate, "bench": run_bench}[args.command](args)
+    except (UserError, AudioError, UnsupportedTarget, ModelUnavailable) as error:
+        print(f"streamsed: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
