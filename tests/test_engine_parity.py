@@ -168,3 +168,11 @@ def test_seed_api_pretrained_parts_on_local_dirs_then_served(tmp_path):
     assert [h[0].tokens for h in engine.transcribe(audios, [Target()], max_new_tokens=MAX_NEW)] == expected
     in_memory = engine_from_model(model, tm.wav2vec2_feature_extractor(), tm.word_tokenizer(), device="cpu")
     assert [h[0].tokens for h in in_memory.transcribe(audios, [Target()], max_new_tokens=MAX_NEW)] == expected
+
+
+def test_speech2text_matches_generate():
+    model, extractor, tokenizer = tm.tiny_speech2text(seed=4)
+    engine = engine_from_model(model, extractor, tokenizer, device="cpu")
+    assert engine.family.name == "speech_to_text"
+    audios = [tm.noise_audio(s, 60 + seed) for seed, s in enumerate([1.0, 0.6, 1.3])]
+    assert_parity(model, engine, audios, Target(None, "de"), prompt_length=2, forced_bos_token_id=tm.DE)

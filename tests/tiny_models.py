@@ -151,3 +151,20 @@ def noise_audio(seconds: float, seed: int) -> np.ndarray:
     t = np.arange(int(seconds * 16000)) / 16000
     tones = sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) for f in rng.uniform(120, 900, 3))
     return (0.1 * tones + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def tiny_speech2text(seed=0):
+    """A random fairseq-S2T model with a multilingual-style forced target-language token."""
+    from transformers import Speech2TextConfig, Speech2TextFeatureExtractor, Speech2TextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Speech2TextConfig(
+        vocab_size=VOCAB_SIZE, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, input_feat_per_channel=80,
+        conv_channels=32, max_source_positions=1500, max_target_positions=128, init_std=0.5,
+        pad_token_id=PAD, bos_token_id=CLS, eos_token_id=EOS, decoder_start_token_id=EOS,
+    )
+    model = Speech2TextForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(decoder_start_token_id=EOS, pad_token_id=PAD, eos_token_id=None)
+    extractor = Speech2TextFeatureExtractor(feature_size=80, num_mel_bins=80, return_attention_mask=True)
+    return model, extractor, word_tokenizer()
