@@ -135,3 +135,10 @@ def test_missing_local_model_dir(tmp_path):
     assert_one_line_error(
         streamsed("translate", "samples/hello_en.wav", "--model", str(tmp_path / "no-such-model")), "no-such-model"
     )
+
+
+def test_broken_ctranslate2_model_dir(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"\x06\x00\x00\x00garbage")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert_one_line_error(streamsed("translate", "samples/hello_en.wav", "--model", str(tmp_path)), str(tmp_path))

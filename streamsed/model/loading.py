@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from .default_model import DEFAULT_MODEL
 from .engine import Engine
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "whisper-base"
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -49,13 +49,17 @@ def is_ct2_dir(path: Path) -> bool:
 
 def local_checkpoint_dir(reference: str) -> Path | None:
     """The transformers checkpoint directory for a default/local reference, None for hub ids."""
-    from .default_model import default_model_dir, ensure_converted_ct2
+    from .ct2_whisper import Ct2FormatError
+    from .default_model import default_model_dir, ensure_converted_ct2  # noqa: PLC0415 (conversion is rare)
 
-    if reference == DEFAULT_MODEL:
-        return default_model_dir()
     path = Path(reference).expanduser()
-    if path.is_dir():
-        return ensure_converted_ct2(path) if is_ct2_dir(path) else path
+    try:
+        if reference == DEFAULT_MODEL:
+            return default_model_dir()
+        if path.is_dir():
+            return ensure_converted_ct2(path) if is_ct2_dir(path) else path
+    except (ModuleNotFoundError, FileNotFoundError, Ct2FormatError) as error:  # missing data package, bad model.bin
+        raise ModelUnavailable(str(error).splitlines()[0]) from error
     if path.exists() or reference.startswith((".", "/", "~")):
         raise ModelUnavailable(f"model path {reference!r} is not a model directory")
     return None
