@@ -1,0 +1,231 @@
+"""One live audio stream: PCM in, protocol v1 events out (speech_start/end, partial, final, error).
+
+A ``StreamSession`` knows nothing about sockets: bytes come in through ``feed``, events go out
+through the ``emit`` callback as JSON-ready dicts, and ``finish`` ends the stream. That keeps the
+finals of a stream safe when its client vanishes: the edge calls ``finish()`` and the finals still
+get produced and emitted (to whatever ``emit`` now does with them).
+
+Per stream:
+
+* Audio is decoded (``pcm_s16le`` / ``pcm_f32le``), resampled to 16 kHz and segmented by the VAD
+  (``translate.segmenter_for``, whose forced cut keeps segments inside the model window).
+* While an utterance is open, every ``chunk_ms`` of new audio a *partial* request for the utterance
+  so far is queued on the worker, at most one in flight per session (later chunks wait for it).
+  Its hypotheses go through LocalAgreement-2, one per target: ``stable`` never changes once sent.
+* When an utterance closes, a *final* request for exactly the segment's audio is queued: the same
+  audio the offline pipeline (``translate.segment_audio``) cuts, so the final equals its output.
+* Finals are emitted in segment order, and a partial of segment n is dropped once n's final is out.
+
+Requests are queued synchronously inside ``feed``, so the worker can start on them before ``feed``
+returns; the session awaits their results in background tasks and never blocks ``feed`` on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .audio import MODEL_SAMPLE_RATE, StreamResampler, pcm_to_float32
+from .model.families import Target
+from .stabilize import LocalAgreement
+from .translate import parse_language, resolve_targets, segmenter_for
+from .vad import SpeechEnded, SpeechStarted, VadConfig, VadEvent, samples_to_seconds
+from .worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SessionOptions", "StreamSession", "DECODE_FAILED"]
+
+DECODE_FAILED = "decode_failed"
+"""Error code emitted when the model fails on a segment's final (the stream goes on)."""
+
+
+class EngineInfo(Protocol):
+    """The pure-Python facts a session needs about the model (an ``Engine`` provides them)."""
+
+    max_window_s: float | None
+
+    def default_target(self) -> Target: ...
+
+    def check_target(self, target: Target) -> None: ...
+
+
+@dataclass
+class SessionOptions:
+    stream: str
+    sample_rate: int = 16000
+    encoding: str = "pcm_s16le"
+    source_lang: str | None = None
+    targets: list[str | None] = field(default_factory=lambda: [None])  # None: the model's default
+
+
+def _seconds(samples: int) -> float:
+    """Stream offset in seconds with millisecond precision, as every event carries it."""
+    return round(samples_to_seconds(samples), 3)
+
+
+class StreamSession:
+    """Streaming state of one stream; all methods run on the event loop of the connection."""
+
+    def __init__(
+        self,
+        options: SessionOptions,
+        worker: EngineWorker,
+        engine_info: EngineInfo,
+        emit: Callable[[dict], None],
+        *,
+        vad_config: VadConfig | None = None,
+        chunk_ms: int = 500,
+    ):
+        if chunk_ms <= 0:
+            raise ValueError(f"chunk_ms must be positive, got {chunk_ms}")
+        self.options = options
+        self.stream = options.stream
+        # Raises UnsupportedTarget for a pair the model cannot produce, before any audio arrives.
+        source = parse_language(options.source_lang, "source")
+        wanted = [parse_language(code, "target") for code in options.targets or [None]]
+        self.targets: list[Target] = resolve_targets(engine_info, source, wanted)
+        pcm_to_float32(b"", options.encoding)  # raises AudioError for an unknown encoding now
+        self._resampler = StreamResampler(options.sample_rate, MODEL_SAMPLE_RATE)  # AudioError: bad rate
+        self._segmenter = segmenter_for(engine_info, vad_config)
+        self._worker = worker
+        self._emit_callback = emit
+        self._chunk_samples = chunk_ms * MODEL_SAMPLE_RATE // 1000
+        self._received = 0  # 16 kHz samples handed to the segmenter so far
+        self._partial_mark = 0  # stream offset when the open utterance last got a partial request
+        self._partial: asyncio.Task | None = None  # the one partial in flight
+        self._agreements: dict[int, list[LocalAgreement]] = {}  # segment -> one per target
+        self._last_final_segment = -1  # segments up to this one have had their finals emitted
+        self._final_chain: asyncio.Task | None = None  # the newest final; it awaits the ones before
+        self._finished = False
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    # -- input --------------------------------------------------------------------------------------
+    async def feed(self, data: bytes) -> None:
+        """Add PCM bytes in the session's encoding; AudioError for bytes that are not valid audio."""
+        if self._finished:
+            raise RuntimeError(f"stream {self.stream!r} is finished")
+        arrived = time.monotonic()  # a final's latency counts from the audio that closed its segment
+        samples = self._resampler.process(pcm_to_float32(data, self.options.encoding))
+        self._received += len(samples)
+        self._handle(self._segmenter.feed(samples), arrived)
+        self._maybe_request_partial()
+
+    async def finish(self) -> None:
+        """End the stream: close the open utterance, then wait until every final is emitted.
+
+        A partial still in flight is cancelled (the finals supersede it). Safe to call more than once
+        and after the client is gone; nothing is emitted after it returns.
+        """
+        if not self._finished:
+            self._finished = True
+            arrived = time.monotonic()
+            tail = self._resampler.process(np.zeros(0, dtype=np.float32), last=True)
+            self._received += len(tail)
+            events = self._segmenter.feed(tail) + self._segmenter.flush()
+            if self._partial is not None:
+                self._partial.cancel()  # the utterance is closing: its final supersedes any partial
+            self._handle(events, arrived)
+        if self._final_chain is not None:
+            await self._final_chain
+
+    async def wait_partial(self) -> None:
+        """Wait for the partial in flight, if any (tests and file replays use it to pace input)."""
+        if self._partial is not None:
+            await asyncio.gather(self._partial, return_exceptions=True)
+
+    # -- VAD events ---------------------------------------------------------------------------------
+    def _handle(self, events: list[VadEvent], arrived: float) -> None:
+        for event in events:
+            if isinstance(event, SpeechStarted):
+                self._partial_mark = event.start
+                self._emit({"type": "speech_start", "stream": self.stream, "segment": event.segment,
+                            "start": _seconds(event.start)})
+            elif isinstance(event, SpeechEnded):
+                self._emit({"type": "speech_end", "stream": self.stream, "segment": event.segment,
+                            "start": _seconds(event.start), "end": _seconds(event.end)})
+                self._request_final(event, arrived)
+
+    # -- partials -----------------------------------------------------------------------------------
+    def _maybe_request_partial(self) -> None:
+        segment = self._segmenter.open_segment
+        if segment is None:
+            return
+        if self._partial is not None and not self._partial.done():
+            return  # at most one in flight; the newer audio goes into the next one
+        if self._received - self._partial_mark < self._chunk_samples:
+            return
+        self._partial_mark = self._received
+        start = self._segmenter.open_start
+        future = self._submit(self._segmenter.open_audio(), "partial")
+        self._partial = asyncio.ensure_future(self._emit_partials(segment, start, future))
+
+    async def _emit_partials(self, segment: int, start: int, future: asyncio.Future) -> None:
+        try:
+            hypotheses = await future
+        except Exception as error:  # partials are best effort; the final will report a real failure
+            log.warning("stream %s: partial of segment %d failed: %s", self.stream, segment, error)
+            return
+        if hypotheses is None or segment <= self._last_final_segment:
+            return  # superseded, or the final is out already and must stay the last word
+        agreements = self._agreements.setdefault(segment, [LocalAgreement() for _ in self.targets])
+        for agreement, hypothesis in zip(agreements, hypotheses):
+            stable, unstable = agreement.update(hypothesis.text)
+            self._emit({"type": "partial", "stream": self.stream, "segment": segment,
+                        "target_lang": hypothesis.target.target_lang, "stable": stable,
+                        "unstable": unstable, "start": _seconds(start)})
+
+    # -- finals -------------------------------------------------------------------------------------
+    def _request_final(self, ended: SpeechEnded, arrived: float) -> None:
+        future = self._submit(ended.audio, "final")
+        previous = self._final_chain
+        self._final_chain = asyncio.ensure_future(self._emit_finals(ended, arrived, future, previous))
+
+    async def _emit_finals(
+        self, ended: SpeechEnded, arrived: float, future: asyncio.Future, previous: asyncio.Task | None
+    ) -> None:
+        try:
+            hypotheses = await future
+        except Exception as error:
+            hypotheses = error
+        if previous is not None:
+            await previous  # finals go out in segment order
+        self._last_final_segment = ended.segment
+        self._agreements.pop(ended.segment, None)
+        if isinstance(hypotheses, Exception):
+            log.error("stream %s: final of segment %d failed: %s", self.stream, ended.segment, hypotheses)
+            self._emit({"type": "error", "code": DECODE_FAILED,
+                        "message": f"stream {self.stream!r} segment {ended.segment}: {hypotheses}"})
+            return
+        latency_ms = round((time.monotonic() - arrived) * 1000)
+        for hypothesis in hypotheses:
+            self._emit({"type": "final", "stream": self.stream, "segment": ended.segment,
+                        "source_lang": hypothesis.target.source_lang, "target_lang": hypothesis.target.target_lang,
+                        "text": hypothesis.text, "start": _seconds(ended.start), "end": _seconds(ended.end),
+                        "latency_ms": latency_ms})
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    def _submit(self, audio: np.ndarray, kind: str) -> asyncio.Future:
+        """Queue on the worker; a stopped worker gives a failed future instead of breaking feed()."""
+        try:
+            return self._worker.submit(audio, self.targets, kind, key=self if kind == "partial" else None)
+        except RuntimeError as error:
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(error)
+            return future
+
+    def _emit(self, event: dict) -> None:
+        # A failing consumer (e.g. a socket that just closed) must not stop the other events.
+        try:
+            self._emit_callback(event)
+        except Exception:
+            log.exception("stream %s: emitting a %s event failed", self.stream, event.get("type"))

@@ -1,0 +1,231 @@
+"""EngineWorker: batching across requests, failure isolation, priorities, and a responsive event loop.
+
+Mechanics run on the tiny random Whisper: its outputs are meaningless words but deterministic, which is
+all that equality with ``engine.transcribe`` needs.
+"""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from streamsed.model.families import Target, UnsupportedTarget
+from streamsed.model.loading import engine_from_model
+from streamsed.worker import EngineWorker
+from tests.tiny_models import noise_audio, tiny_whisper
+
+SHORT = 8  # tokens per row where the test is about mechanics, not output length
+TARGETS = [Target("de", "de"), Target("de", "en")]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return engine_from_model(*tiny_whisper(), device="cpu")
+
+
+@pytest.fixture
+def audios():
+    return [noise_audio(1.0 + 0.5 * i, seed=i) for i in range(4)]
+
+
+def tokens(hypotheses):
+    return [(h.target, h.tokens) for h in hypotheses]
+
+
+async def test_concurrent_requests_are_batched_and_match_single_transcription(engine, audios):
+    worker = EngineWorker(engine, batch_window_ms=20, max_new_tokens=SHORT)
+    worker.start()
+    try:
+        results = await asyncio.gather(*(worker.transcribe(audio, TARGETS) for audio in audios))
+    finally:
+        worker.stop()
+    for audio, hypotheses in zip(audios, results):
+        (single,) = engine.transcribe([audio], TARGETS, max_new_tokens=SHORT)
+        assert tokens(hypotheses) == tokens(single)
+    stats = worker.stats
+    assert stats.max_encoder_batch > 1  # one encoder pass for several streams
+    # More rows than one request has targets: rows of different requests ran in one decoder step.
+    assert stats.max_decoder_rows > len(TARGETS)
+    assert stats.max_decoder_step_rows > len(TARGETS)
+    assert stats.requests == 4 and stats.failed == 0
+    assert sum(size * count for size, count in stats.encoder_batches.items()) == 4
+
+
+async def test_pending_requests_go_out_in_one_encode_and_one_decode(engine, audios):
+    worker = EngineWorker(engine, max_new_tokens=SHORT)
+    futures = [worker.submit(audio, TARGETS) for audio in audios]  # all pending before the thread runs
+    worker.start()
+    try:
+        await asyncio.gather(*futures)
+    finally:
+        worker.stop()
+    stats = worker.stats
+    assert stats.batches == 1
+    assert stats.encoder_batches == {4: 1}
+    assert stats.decoder_batches == {8: 1}
+    assert stats.max_decoder_step_rows == 8
+
+
+async def test_max_batch_utterances_splits_the_queue(engine, audios):
+    worker = EngineWorker(engine, max_batch_utterances=3, max_new_tokens=SHORT)
+    futures = [worker.submit(audio, TARGETS[:1]) for audio in audios]
+    worker.start()
+    try:
+        await asyncio.gather(*futures)
+    finally:
+        worker.stop()
+    assert worker.stats.encoder_batches == {3: 1, 1: 1}
+
+
+async def test_a_bad_target_fails_only_its_own_request(engine, audios):
+    worker = EngineWorker(engine, max_new_tokens=SHORT)
+    futures = [
+        worker.submit(audios[0], [Target("de", "de")]),
+        worker.submit(audios[1], [Target("de", "fr")]),  # Whisper cannot translate into French
+        worker.submit(audios[2], [Target("en", "en")]),
+    ]
+    worker.start()
+    try:
+        first, bad, third = await asyncio.gather(*futures, return_exceptions=True)
+        assert isinstance(bad, UnsupportedTarget)
+        assert tokens(first) == tokens(engine.transcribe([audios[0]], [Target("de", "de")], SHORT)[0])
+        assert tokens(third) == tokens(engine.transcribe([audios[2]], [Target("en", "en")], SHORT)[0])
+        # The worker survives: later requests are served.
+        assert len(await worker.transcribe(audios[3], [Target("en", "en")])) == 1
+    finally:
+        worker.stop()
+    assert worker.stats.failed == 1
+
+
+class ExplodingEngine:
+    """The tiny engine, except that encoding any utterance of exactly ``BAD`` samples raises."""
+
+    BAD = 1234
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def encode(self, audios):
+        if any(len(a) == self.BAD for a in audios):
+            raise RuntimeError("boom")
+        return self._engine.encode(audios)
+
+
+async def test_a_model_error_reaches_only_the_request_that_caused_it(engine, audios):
+    worker = EngineWorker(ExplodingEngine(engine), max_new_tokens=SHORT)
+    futures = [worker.submit(audios[0], TARGETS), worker.submit(np.zeros(ExplodingEngine.BAD, np.float32), TARGETS),
+               worker.submit(audios[1], TARGETS)]
+    worker.start()
+    try:
+        good, bad, other = await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        worker.stop()
+    assert isinstance(bad, RuntimeError) and str(bad) == "boom"
+    assert tokens(good) == tokens(engine.transcribe([audios[0]], TARGETS, SHORT)[0])
+    assert tokens(other) == tokens(engine.transcribe([audios[1]], TARGETS, SHORT)[0])
+
+
+async def test_a_newer_partial_with_the_same_key_supersedes_the_pending_one(engine, audios):
+    worker = EngineWorker(engine, max_new_tokens=SHORT)
+    old = worker.submit(audios[0], TARGETS, "partial", key="stream-a")
+    other_stream = worker.submit(audios[1], TARGETS, "partial", key="stream-b")
+    new = worker.submit(audios[2], TARGETS, "partial", key="stream-a")
+    final = worker.submit(audios[3], TARGETS, "final", key="stream-a")  # finals are never superseded
+    worker.start()
+    try:
+        assert await old is None
+        assert all(len(result) == 2 for result in await asyncio.gather(other_stream, new, final))
+    finally:
+        worker.stop()
+    assert worker.stats.superseded == 1
+    assert worker.stats.encoder_batches == {3: 1}
+
+
+async def test_finals_run_before_older_partials(engine, audios):
+    worker = EngineWorker(engine, max_batch_utterances=1, max_new_tokens=SHORT)
+    order = []
+    futures = [worker.submit(audios[0], TARGETS, "partial", key="a"), worker.submit(audios[1], TARGETS, "partial"),
+               worker.submit(audios[2], TARGETS, "final"), worker.submit(audios[3], TARGETS, "final")]
+    for name, future in zip(["partial a", "partial", "final 1", "final 2"], futures):
+        future.add_done_callback(lambda _, name=name: order.append(name))
+    worker.start()
+    try:
+        await asyncio.gather(*futures)
+    finally:
+        worker.stop()
+    assert order == ["final 1", "final 2", "partial a", "partial"]
+
+
+async def test_a_cancelled_request_is_skipped(engine, audios):
+    worker = EngineWorker(engine, max_new_tokens=SHORT)
+    cancelled = worker.submit(audios[0], TARGETS)
+    kept = worker.submit(audios[1], TARGETS)
+    cancelled.cancel()
+    worker.start()
+    try:
+        await kept
+    finally:
+        worker.stop()
+    assert worker.stats.encoder_batches == {1: 1}
+
+
+async def test_stop_drains_pending_work_and_is_idempotent(engine, audios):
+    worker = EngineWorker(engine, max_new_tokens=SHORT)
+    futures = [worker.submit(audio, TARGETS) for audio in audios]
+    await asyncio.to_thread(worker.stop)  # never started: stop() still finishes what was accepted
+    worker.stop()
+    assert all(len(result) == 2 for result in await asyncio.gather(*futures))
+    with pytest.raises(RuntimeError, match="stopped"):
+        worker.submit(audios[0], TARGETS)
+    with pytest.raises(RuntimeError):
+        worker.start()
+
+
+async def test_invalid_requests_are_refused_at_submit(engine, audios):
+    worker = EngineWorker(engine)
+    with pytest.raises(ValueError, match="kind"):
+        worker.submit(audios[0], TARGETS, kind="draft")
+    with pytest.raises(ValueError, match="target"):
+        await worker.transcribe(audios[0], [])
+    worker.stop()
+
+
+async def test_event_loop_keeps_ticking_while_the_worker_decodes(engine):
+    """Torch runs on the worker thread, so a 10 ms ticker on the loop sees only small gaps."""
+    worker = EngineWorker(engine)  # full-length decoding: the random model rarely stops early
+    worker.start()
+    clips = [noise_audio(10.0, seed) for seed in range(8)]  # made before ticking: it runs on the loop
+    ticks = []
+    busy = True
+
+    async def ticker():
+        while busy:
+            ticks.append(time.perf_counter())
+            await asyncio.sleep(0.01)
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        await asyncio.sleep(0.05)
+        work = [worker.transcribe(clip, TARGETS) for clip in clips]
+        started = time.perf_counter()
+        await asyncio.gather(*work)
+        work_seconds = time.perf_counter() - started
+        await asyncio.sleep(0.02)  # one more tick closes the window
+    finally:
+        busy = False
+        await ticking
+        worker.stop()
+    # The ticks around the decode window only (with the one just before and just after it).
+    during = [t for t in ticks if started - 0.015 <= t <= started + work_seconds + 0.015]
+    assert len(during) > 10
+    gaps = np.diff(during)
+    stats = worker.stats
+    print(f"\nworker busy {work_seconds:.3f} s, longest batch {stats.max_batch_seconds:.3f} s, "
+          f"batches {stats.encoder_batches}, max tick gap {gaps.max() * 1000:.1f} ms over {len(gaps)} ticks")
+    assert stats.max_batch_seconds > 0.3, "the work must be heavy enough to show anything"
+    assert gaps.max() < 0.1
+    assert gaps.max() < stats.max_batch_seconds / 3
