@@ -41,6 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--audio", default=None, help="audio file (default: synthesized English speech)")
     bench.add_argument("--repeat", type=int, default=3, help="timed runs per contender (best is reported)")
     bench.add_argument("--json", dest="json_path", default=None, help="also write results as JSON here")
+
+    serve = commands.add_parser("serve", help="run the streaming daemon (websockets; see docs/protocol.md)")
+    serve.add_argument(
+        "--config", default=None, help="TOML settings file, e.g. config/streamsed.toml (default: built-in defaults)"
+    )
+    serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="websockets and HTTP port (default 8765; 0 = any free)")
+    serve.add_argument("--model", default=None, help="model reference (default: whisper-base)")
+    serve.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
+    serve.add_argument(
+        "--log-level", dest="serve_log_level", default=None, help="debug, info (default), warning or error"
+    )
     return parser
 
 
@@ -72,6 +85,32 @@ def run_translate(args) -> int:
     return 0
 
 
+def run_serve(args) -> int:
+    import asyncio
+
+    from .config import ConfigError, load_config
+    from .server import Daemon
+
+    overrides = {
+        "server.host": args.host, "server.port": args.port, "model.name": args.model,
+        "model.device": args.device, "model.dtype": args.dtype, "logging.level": args.serve_log_level,
+    }
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as error:
+        raise UserError(str(error)) from None
+    level = config.logging.level.upper()
+    logging.getLogger().setLevel(level)
+    # websockets logs every HTTP probe and connection at INFO; keep that for debug.
+    logging.getLogger("websockets").setLevel(level if level == "DEBUG" else "WARNING")
+    try:
+        asyncio.run(Daemon(config).run())
+    except OSError as error:  # e.g. the port is taken
+        where = f"{config.server.host}:{config.server.port}"
+        raise UserError(f"cannot serve on {where}: {error.strerror or error}") from None
+    return 0
+
+
 def run_bench(args) -> int:
     from .bench import run_decode_bench
 
@@ -92,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from .model.loading import ModelUnavailable
 
     try:
-        return {"translate": run_translate, "bench": run_bench}[args.command](args)
+        return {"translate": run_translate, "bench": run_bench, "serve": run_serve}[args.command](args)
     except (UserError, AudioError, UnsupportedTarget, ModelUnavailable) as error:
         print(f"streamsed: error: {error}", file=sys.stderr)
         return 2

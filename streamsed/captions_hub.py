@@ -1,0 +1,119 @@
+"""Fan-out of a stream's partial/final events to any number of caption listeners.
+
+Publishing is synchronous and never waits for a listener: each listener has its own queue that
+its connection drains at its own pace. Drop policy, per listener:
+
+* up to ``queue_size`` events are queued;
+* when the queue is full, a new event first evicts the oldest queued *partial* (partials are
+  superseded by later partials and by the final anyway); a new partial with no partial to evict
+  is dropped itself;
+* finals are never dropped: when the queue holds only finals, a final is queued beyond
+  ``queue_size``. Such a backlog only builds while a listener reads slower than finals arrive
+  (one per utterance and target); a listener that stops reading altogether is disconnected by
+  the websocket keepalive (ping timeout), not by dropping its finals.
+
+A listener may subscribe before its stream has started, and stays subscribed across stream
+restarts (a new ingest connection with the same stream id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict, deque
+
+from .protocol import CAPTION_EVENTS
+
+
+class Listener:
+    """One subscriber's queue; ``await get()`` returns events in order, None once closed and drained."""
+
+    def __init__(self, stream: str, target_lang: str | None, queue_size: int):
+        self.stream = stream
+        self.target_lang = target_lang
+        self.queue_size = queue_size
+        self.dropped_partials = 0
+        self._queue: deque[dict] = deque()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+
+    def wants(self, event: dict) -> bool:
+        return self.target_lang is None or event.get("target_lang") == self.target_lang
+
+    def offer(self, event: dict) -> None:
+        if self._closed:
+            return
+        if len(self._queue) >= self.queue_size:
+            oldest_partial = next((e for e in self._queue if e["type"] == "partial"), None)
+            if oldest_partial is not None:
+                self._queue.remove(oldest_partial)
+                self.dropped_partials += 1
+            elif event["type"] == "partial":
+                self.dropped_partials += 1
+                return
+        self._queue.append(event)
+        self._wakeup.set()
+
+    def close(self) -> None:
+        """No more events; get() returns what is queued, then None."""
+        self._closed = True
+        self._wakeup.set()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    async def get(self) -> dict | None:
+        while not self._queue:
+            if self._closed:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return self._queue.popleft()
+
+
+class CaptionsHub:
+    """Listeners per stream id, plus which stream ids currently have an ingest connection."""
+
+    def __init__(self, queue_size: int = 64):
+        self.queue_size = queue_size
+        self._listeners: dict[str, set[Listener]] = defaultdict(set)
+        self._live: set[str] = set()
+
+    def subscribe(self, stream: str, target_lang: str | None = None) -> Listener:
+        listener = Listener(stream, target_lang, self.queue_size)
+        self._listeners[stream].add(listener)
+        return listener
+
+    def unsubscribe(self, listener: Listener) -> None:
+        listener.close()
+        listeners = self._listeners.get(listener.stream)
+        if listeners is not None:
+            listeners.discard(listener)
+            if not listeners:
+                del self._listeners[listener.stream]
+
+    def listeners(self, stream: str) -> list[Listener]:
+        return list(self._listeners.get(stream, ()))
+
+    def publish(self, event: dict) -> None:
+        """Queue a partial/final for every interested listener of its stream; other events are ignored."""
+        if event.get("type") not in CAPTION_EVENTS:
+            return
+        for listener in self._listeners.get(event["stream"], ()):
+            if listener.wants(event):
+                listener.offer(event)
+
+    def claim(self, stream: str) -> bool:
+        """Reserve ``stream`` for one ingest connection; False when another one holds it."""
+        if stream in self._live:
+            return False
+        self._live.add(stream)
+        return True
+
+    def release(self, stream: str) -> None:
+        self._live.discard(stream)
+
+    def close_all(self) -> None:
+        """Shutdown: every listener gets what is queued, then None."""
+        for listeners in self._listeners.values():
+            for listener in listeners:
+                listener.close()

@@ -1,0 +1,367 @@
+"""The daemon: websockets + HTTP on one port, one StreamSession per ingest connection.
+
+Endpoints (see docs/protocol.md): ``GET /healthz``, ``GET /readyz``, ``ws /v1/stream`` (ingest)
+and ``ws /v1/captions?stream=ID[&target_lang=xx]`` (listeners). The model loads in a thread while
+the port already answers /healthz; ingest connections are refused with ``not_ready`` until then.
+
+Per ingest connection three tasks cooperate, so the socket is always read (pings are answered
+however busy the model is) and events keep their order:
+
+* the reader puts every frame into the connection's inbox;
+* the processor takes frames in order: protocol messages, ``session.feed`` for audio;
+* the sender writes the session's events (and errors) from the outbox to the client.
+
+Session events also go to the CaptionsHub, which never waits for a listener. Whatever way an
+ingest connection ends (stop, client gone, daemon shutting down), the session is finished so
+the finals of its open utterance reach the listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from collections.abc import Callable
+from http import HTTPStatus
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from . import protocol
+from .audio import AudioError
+from .captions_hub import CaptionsHub
+from .config import Config
+from .model.engine import Engine
+from .model.families import UnsupportedTarget
+from .protocol import ProtocolError, close_reason, encode, error_event
+from .session import SessionOptions, StreamSession
+from .translate import resolve_targets
+from .worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED_FRAMES = 512  # frames read but not processed yet; the reader waits beyond this
+_GONE, _SHUTDOWN = object(), object()  # inbox markers: client disconnected / daemon stopping
+
+
+class Daemon:
+    """Serve ``config``; pass ``engine`` (tests) or ``engine_loader`` to skip loading config.model."""
+
+    def __init__(
+        self, config: Config, engine: Engine | None = None, *, engine_loader: Callable[[], Engine] | None = None
+    ):
+        self.config = config
+        self.engine = engine
+        self.hub = CaptionsHub(config.streaming.listener_queue)
+        self.worker: EngineWorker | None = None
+        self.load_error: BaseException | None = None
+        self._loader = engine_loader or self._load_configured_model
+        self._ready = asyncio.Event()
+        self._ingests: set[_Ingest] = set()
+        self._server: Server | None = None
+        self._load_task: asyncio.Task | None = None
+        self._stopping = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and not self._stopping
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.config.server.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Listen now; the model loads in the background (``wait_ready`` waits for it)."""
+        server = self.config.server
+        self._server = await serve(
+            self._handle, server.host, server.port, process_request=self._http,
+            max_size=4 * server.max_frame_bytes, compression=None,
+            ping_interval=server.ping_interval_s, ping_timeout=server.ping_interval_s,
+        )
+        self._load_task = asyncio.create_task(self._load())
+
+    def _load_configured_model(self) -> Engine:
+        from .model.loading import load_engine
+
+        model = self.config.model
+        return load_engine(model.name, device=model.device, dtype=model.dtype)
+
+    async def _load(self) -> None:
+        try:
+            if self.engine is None:
+                self.engine = await asyncio.to_thread(self._loader)
+            self.worker = EngineWorker(self.engine, self.config.model.max_batch_utterances)
+            self.worker.start()
+        except Exception as error:
+            self.load_error = error
+            log.debug("model failed to load: %s", error)  # wait_ready() and run() raise it; /readyz shows it
+            return
+        self._ready.set()
+        log.info("model %s ready on %s", self.engine.name, self.engine.device)
+
+    async def wait_ready(self) -> None:
+        """Wait for the model; re-raises its load error."""
+        await asyncio.shield(self._load_task)
+        if self.load_error is not None:
+            raise self.load_error
+
+    async def run(self) -> None:
+        """``streamsed serve``: start, wait for SIGTERM/SIGINT, stop gracefully. Raises a load error."""
+        signalled = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, signalled.set)
+        waiter = asyncio.create_task(signalled.wait())
+        try:
+            await self.start()
+            print(f"listening on {self.url}", flush=True)
+            await asyncio.wait({waiter, self._load_task}, return_when=asyncio.FIRST_COMPLETED)
+            if self.load_error is None:
+                await waiter
+                log.info("signal received: finishing open utterances, then exiting")
+        finally:
+            waiter.cancel()
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        if self.load_error is not None:
+            raise self.load_error
+
+    async def stop(self) -> None:
+        """Stop accepting; finish every session (its finals are sent to client and listeners); close."""
+        if self._stopping or self._server is None:
+            return
+        self._stopping = True
+        self._server.close(close_connections=False)  # stop listening; handlers run on
+        ingests = list(self._ingests)
+        for ingest in ingests:
+            ingest.shutdown()
+        await asyncio.gather(*(ingest.done.wait() for ingest in ingests))
+        self.hub.close_all()  # listeners send what is queued, then close 1001
+        await self._server.wait_closed()
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.stop)
+
+    # -- HTTP and routing -----------------------------------------------------------------------
+    def _http(self, connection: ServerConnection, request):
+        path, _ = protocol.split_path(request.path)
+        if path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            if self.ready:
+                return connection.respond(HTTPStatus.OK, "ready\n")
+            state = ("shutting down" if self._stopping else
+                     f"model failed to load: {self.load_error}" if self.load_error else "loading model")
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, state + "\n")
+        if path in (protocol.STREAM_PATH, protocol.CAPTIONS_PATH):
+            return None  # websocket handshake
+        endpoints = f"/healthz /readyz ws:{protocol.STREAM_PATH} ws:{protocol.CAPTIONS_PATH}"
+        return connection.respond(HTTPStatus.NOT_FOUND, f"not found; endpoints: {endpoints}\n")
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        path, query = protocol.split_path(ws.request.path)
+        if path == protocol.CAPTIONS_PATH:
+            await self._captions(ws, query)
+            return
+        if not self.ready:
+            await refuse(ws, ProtocolError("not_ready", "the model is still loading; retry when /readyz returns 200"))
+            return
+        if len(self._ingests) >= self.config.server.max_sessions:
+            most = self.config.server.max_sessions
+            await refuse(ws, ProtocolError(
+                "too_many_sessions", f"the daemon is serving its maximum of {most} sessions; retry later"
+            ))
+            return
+        ingest = _Ingest(self, ws, query)
+        self._ingests.add(ingest)
+        try:
+            await ingest.run()
+        finally:
+            self._ingests.discard(ingest)
+
+    async def _captions(self, ws: ServerConnection, query: dict[str, str]) -> None:
+        try:
+            stream, target_lang = protocol.caption_filter(query)
+        except ProtocolError as error:
+            await refuse(ws, error)
+            return
+        listener = self.hub.subscribe(stream, target_lang)
+        if self._stopping:
+            listener.close()
+
+        async def pump() -> None:
+            await ws.send(encode(protocol.subscribed_event(stream, target_lang)))
+            while (event := await listener.get()) is not None:
+                await ws.send(encode(event))
+
+        async def discard_input() -> None:
+            async for _ in ws:
+                pass
+
+        tasks = {asyncio.create_task(pump()), asyncio.create_task(discard_input())}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.hub.unsubscribe(listener)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await ws.close(protocol.CLOSE_GOING_AWAY, "server shutting down")  # no-op if the client left
+
+
+async def refuse(ws: ServerConnection, error: ProtocolError) -> None:
+    """Send a fatal error event and close with its code."""
+    try:
+        await ws.send(encode(error.event()))
+    except ConnectionClosed:
+        return
+    await ws.close(error.close_code, close_reason(error.code, error.message))
+
+
+class _Ingest:
+    """One ``/v1/stream`` connection: reader -> inbox -> processor (session) -> outbox -> sender."""
+
+    def __init__(self, daemon: Daemon, ws: ServerConnection, query: dict[str, str]):
+        self.daemon = daemon
+        self.config = daemon.config
+        self.ws = ws
+        self.query = query
+        self.inbox: asyncio.Queue = asyncio.Queue(MAX_QUEUED_FRAMES)
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.session: StreamSession | None = None
+        self.stream: str | None = None
+        self.closing = False
+        self.done = asyncio.Event()
+
+    def shutdown(self) -> None:
+        """Daemon stopping: ignore further input, finish what was received, close 1001."""
+        self.closing = True
+        try:
+            self.inbox.put_nowait(_SHUTDOWN)
+        except asyncio.QueueFull:  # the processor is behind; the marker queues after the backlog
+            asyncio.get_running_loop().create_task(self.inbox.put(_SHUTDOWN))
+
+    def reply(self, event: dict) -> None:
+        self.outbox.put_nowait(event)
+
+    def emit(self, event: dict) -> None:
+        """The session's event callback: to the client and to the stream's listeners."""
+        self.reply(event)
+        self.daemon.hub.publish(event)
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self._read())
+        sender = asyncio.create_task(self._send())
+        try:
+            code, reason = await self._process()
+        except Exception as error:  # a bug or an engine failure: report it, keep the daemon up
+            log.exception("session on stream %s failed", self.stream)
+            self.reply(error_event("internal", f"internal error: {error}"))
+            code, reason = protocol.CLOSE_INTERNAL, close_reason("internal", str(error))
+        finally:
+            if self.stream is not None:
+                self.daemon.hub.release(self.stream)
+            self.outbox.put_nowait(None)
+            await sender
+            reader.cancel()
+            self.done.set()
+        await self.ws.close(code, reason)
+        log.info("stream %s closed (%s %s)", self.stream, code, reason)
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.ws:
+                if not self.closing:
+                    await self.inbox.put(message)
+        except ConnectionClosed:
+            pass
+        await self.inbox.put(_GONE)
+
+    async def _send(self) -> None:
+        while (event := await self.outbox.get()) is not None:
+            try:
+                await self.ws.send(encode(event))
+            except ConnectionClosed:
+                pass  # client gone: listeners still get the events through the hub
+
+    async def _process(self) -> tuple[int, str]:
+        while True:
+            item = await self.inbox.get()
+            if item is _GONE or item is _SHUTDOWN:
+                await self._finish()
+                if item is _SHUTDOWN:
+                    return protocol.CLOSE_GOING_AWAY, "server shutting down"
+                return protocol.CLOSE_NORMAL, ""
+            try:
+                if isinstance(item, bytes):
+                    await self._audio(item)
+                    continue
+                message = protocol.parse_client_message(item)
+                if message["type"] == "start":
+                    self._start(message)
+                elif message["type"] == "stop":
+                    await self._finish()
+                    return protocol.CLOSE_NORMAL, "stopped"
+            except ProtocolError as error:
+                self.reply(error.event())
+                if error.fatal:
+                    await self._finish()
+                    return error.close_code, close_reason(error.code, error.message)
+
+    def _start(self, message: dict | None) -> None:
+        """Open the session from query parameters + ``message`` (None: implicit start by audio)."""
+        if self.session is not None:
+            raise ProtocolError("already_started", "this connection's session has already started; start is ignored")
+        options = protocol.start_options(self.query, message, self.config.streaming)
+        engine = self.daemon.engine
+        try:
+            resolved = resolve_targets(engine, options.source_lang, options.targets)
+        except UnsupportedTarget as error:
+            raise ProtocolError("unsupported_language", str(error)) from None
+        if not self.daemon.hub.claim(options.stream):
+            raise ProtocolError(
+                "stream_in_use", f"stream {options.stream!r} is already being ingested by another connection"
+            )
+        self.stream = options.stream
+        session_options = SessionOptions(
+            stream=options.stream, sample_rate=options.sample_rate, encoding=options.encoding,
+            source_lang=options.source_lang, targets=list(options.targets),
+        )
+        try:
+            self.session = StreamSession(
+                session_options, self.daemon.worker, engine, self.emit,
+                vad_config=self.config.vad, chunk_ms=self.config.streaming.chunk_ms,
+            )
+        except (UnsupportedTarget, AudioError) as error:
+            raise ProtocolError("unsupported_language" if isinstance(error, UnsupportedTarget) else "bad_option",
+                                str(error)) from None
+        session_id = uuid.uuid4().hex[:12]
+        self.reply(protocol.ready_event(
+            options, session_id, engine.name, resolved[0].source_lang, [t.target_lang for t in resolved]
+        ))
+        log.info("stream %s: session %s started (%d Hz %s, %s -> %s)", options.stream, session_id,
+                 options.sample_rate, options.encoding, resolved[0].source_lang, [t.target_lang for t in resolved])
+
+    async def _audio(self, data: bytes) -> None:
+        if self.session is None:
+            self._start(None)  # audio before start: the query parameters and defaults apply
+        limit = self.config.server.max_frame_bytes
+        if len(data) > limit:
+            raise ProtocolError(
+                "frame_too_large", f"binary frame of {len(data)} bytes is over max_frame_bytes ({limit}); dropped"
+            )
+        try:
+            await self.session.feed(data)
+        except AudioError as error:
+            raise ProtocolError("bad_audio", f"{error}; frame dropped") from None
+
+    async def _finish(self) -> None:
+        if self.session is not None:
+            session, self.session = self.session, None
+            await session.finish()
