@@ -14,14 +14,24 @@ its connection drains at its own pace. Drop policy, per listener:
 
 A listener may subscribe before its stream has started, and stays subscribed across stream
 restarts (a new ingest connection with the same stream id).
+
+Other edges (MQTT) register an *observer*: a plain callable that gets every caption event and must
+not block. The hub also keeps each stream's finals (up to ``MAX_FINALS_KEPT``) for caption export.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict, deque
 
+from collections.abc import Callable
+
 from .protocol import CAPTION_EVENTS
+
+log = logging.getLogger(__name__)
+
+MAX_FINALS_KEPT = 10_000  # per stream: hours of captions, bounded memory
 
 
 class Listener:
@@ -77,6 +87,20 @@ class CaptionsHub:
         self.queue_size = queue_size
         self._listeners: dict[str, set[Listener]] = defaultdict(set)
         self._live: set[str] = set()
+        self._observers: list[Callable[[dict], None]] = []
+        self._finals: dict[str, deque[dict]] = defaultdict(lambda: deque(maxlen=MAX_FINALS_KEPT))
+
+    def add_observer(self, observer: Callable[[dict], None]) -> None:
+        """Call ``observer(event)`` for every partial/final of every stream (it must not block)."""
+        self._observers.append(observer)
+
+    def finals(self, stream: str) -> list[dict]:
+        """The stream's finals so far, in the order they were produced."""
+        return list(self._finals.get(stream, ()))
+
+    def streams(self) -> list[str]:
+        """Stream ids that have produced finals or are being ingested now."""
+        return sorted(set(self._finals) | self._live)
 
     def subscribe(self, stream: str, target_lang: str | None = None) -> Listener:
         listener = Listener(stream, target_lang, self.queue_size)
@@ -98,6 +122,13 @@ class CaptionsHub:
         """Queue a partial/final for every interested listener of its stream; other events are ignored."""
         if event.get("type") not in CAPTION_EVENTS:
             return
+        if event["type"] == "final":
+            self._finals[event["stream"]].append(event)
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception:  # an edge's bug must not cost the websocket listeners their captions
+                log.exception("caption observer %r failed", observer)
         for listener in self._listeners.get(event["stream"], ()):
             if listener.wants(event):
                 listener.offer(event)

@@ -14,6 +14,11 @@ however busy the model is) and events keep their order:
 Session events also go to the CaptionsHub, which never waits for a listener. Whatever way an
 ingest connection ends (stop, client gone, daemon shutting down), the session is finished so
 the finals of its open utterance reach the listeners.
+
+Other edges (MQTT publisher, microphone source) plug in as ``Edge`` objects: started once the
+model is ready, stopped after the websocket sessions have finished, in reverse order of
+registration — register sinks (MQTT) before sources (microphone) so a source's last finals
+still reach the sinks. Live sessions of every kind are in ``Daemon.sessions`` by stream id.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import signal
 import uuid
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Protocol
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -45,6 +51,14 @@ MAX_QUEUED_FRAMES = 512  # frames read but not processed yet; the reader waits b
 _GONE, _SHUTDOWN = object(), object()  # inbox markers: client disconnected / daemon stopping
 
 
+class Edge(Protocol):
+    """A replaceable I/O edge of the daemon (it knows nothing of torch)."""
+
+    async def start(self, daemon: "Daemon") -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class Daemon:
     """Serve ``config``; pass ``engine`` (tests) or ``engine_loader`` to skip loading config.model."""
 
@@ -62,6 +76,12 @@ class Daemon:
         self._server: Server | None = None
         self._load_task: asyncio.Task | None = None
         self._stopping = False
+        self.edges: list[Edge] = []
+        self.sessions: dict[str, StreamSession] = {}  # live sessions by stream id (any source)
+
+    def add_edge(self, edge: Edge) -> None:
+        """Register before ``start``; see the module doc for the start/stop order."""
+        self.edges.append(edge)
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -104,6 +124,11 @@ class Daemon:
             return
         self._ready.set()
         log.info("model %s ready on %s", self.engine.name, self.engine.device)
+        for edge in self.edges:
+            try:
+                await edge.start(self)
+            except Exception:  # one broken edge (no broker, no microphone) must not stop the daemon
+                log.exception("edge %s failed to start", type(edge).__name__)
 
     async def wait_ready(self) -> None:
         """Wait for the model; re-raises its load error."""
@@ -143,6 +168,11 @@ class Daemon:
         for ingest in ingests:
             ingest.shutdown()
         await asyncio.gather(*(ingest.done.wait() for ingest in ingests))
+        for edge in reversed(self.edges):
+            try:
+                await edge.stop()
+            except Exception:
+                log.exception("edge %s failed to stop cleanly", type(edge).__name__)
         self.hub.close_all()  # listeners send what is queued, then close 1001
         await self._server.wait_closed()
         if self.worker is not None:
@@ -267,6 +297,7 @@ class _Ingest:
         finally:
             if self.stream is not None:
                 self.daemon.hub.release(self.stream)
+                self.daemon.sessions.pop(self.stream, None)
             self.outbox.put_nowait(None)
             await sender
             reader.cancel()
@@ -341,6 +372,7 @@ class _Ingest:
         except (UnsupportedTarget, AudioError) as error:
             raise ProtocolError("unsupported_language" if isinstance(error, UnsupportedTarget) else "bad_option",
                                 str(error)) from None
+        self.daemon.sessions[options.stream] = self.session
         session_id = uuid.uuid4().hex[:12]
         self.reply(protocol.ready_event(
             options, session_id, engine.name, resolved[0].source_lang, [t.target_lang for t in resolved]
