@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs everything, then runs streamsed on the default model (Whisper base, offline).
-# Until the daemon lands this translates the bundled English sample.
+# Installs everything, then runs the streamsed daemon on the default model (Whisper base,
+# offline) with config/streamsed.toml. Extra arguments go to `streamsed serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/streamsed translate samples/hello_en.wav "$@"
+exec .venv/bin/streamsed serve --config config/streamsed.toml "$@"
