@@ -142,3 +142,19 @@ def test_broken_ctranslate2_model_dir(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "tokenizer.json").write_text("{}")
     assert_one_line_error(streamsed("translate", "samples/hello_en.wav", "--model", str(tmp_path)), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_faster_whisper_directory_as_model(tmp_path):
+    """A CTranslate2/faster-whisper directory given as --model is converted once and served."""
+    from streamsed.bench import materialize_default_ct2
+
+    ct2_dir = materialize_default_ct2()
+    assert (ct2_dir / "model.bin").is_file()
+    result = streamsed(
+        "translate", "samples/hello_en.wav", "--model", str(ct2_dir),
+        env={"STREAMSED_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert words(result.stdout) == words(SAMPLE_TEXT)
+    assert list((tmp_path / "cache" / "converted").iterdir()), "the conversion is cached"
