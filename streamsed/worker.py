@@ -17,7 +17,10 @@ Sessions never run torch. They hand a request (audio, targets, kind) to ``Engine
 
 Partial requests may carry a ``key`` (a session uses itself): a newer partial with the same key
 supersedes a pending older one, which then resolves with ``None`` without costing any model time.
-Finals are never superseded.
+Finals are never superseded. A batch made only of partials is also *preempted* when a final
+arrives while it decodes: it stops before its next decoder step and its partials resolve with
+``None``, so a final waits for at most one decoder step (plus an encoder pass already running)
+instead of a whole partial decode. Partials are disposable: the next chunk brings a fresher one.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .model.engine import Engine, Hypothesis
+from .model.engine import DecodeInterrupted, Engine, Hypothesis
 from .model.families import Target
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ class WorkerStats:
     requests: int = 0  # requests answered with hypotheses
     failed: int = 0  # requests answered with an exception
     superseded: int = 0  # partial requests answered None because a newer one with their key came
+    preempted: int = 0  # partial requests answered None because a final arrived while they decoded
     encoder_batches: dict[int, int] = field(default_factory=dict)  # utterances per engine.encode call
     decoder_batches: dict[int, int] = field(default_factory=dict)  # rows per engine.decode call
     max_encoder_batch: int = 0
@@ -107,6 +111,7 @@ class EngineWorker:
         self.batch_window_s = max(batch_window_ms, 0.0) / 1000
         self.max_new_tokens = max_new_tokens
         self._pending: list[_Request] = []
+        self._finals_pending = 0  # read without the lock by the decode loop's should_stop
         self._condition = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -173,6 +178,7 @@ class EngineWorker:
             if kind == "partial" and key is not None:
                 self._supersede_partials(key)
             self._pending.append(request)
+            self._finals_pending += kind == "final"
             self._condition.notify()
         return request.future
 
@@ -223,6 +229,7 @@ class EngineWorker:
         ordered = [r for r in live if r.kind == "final"] + [r for r in live if r.kind == "partial"]
         batch = ordered[: self.max_batch_utterances]
         self._pending = [r for r in live if r not in batch]
+        self._finals_pending = sum(r.kind == "final" for r in self._pending)
         return batch
 
     def _run(self, batch: list[_Request]) -> None:
@@ -231,6 +238,12 @@ class EngineWorker:
             return
         try:
             results = self._transcribe(runnable)
+        except DecodeInterrupted:
+            with self._stats_lock:
+                self._stats.preempted += len(runnable)
+            for request in runnable:
+                self._resolve(request, None)
+            return
         except Exception as error:
             if len(runnable) == 1:
                 self._fail(runnable[0], error)
@@ -258,7 +271,9 @@ class EngineWorker:
         started = time.perf_counter()
         encoded = self.engine.encode([r.audio for r in batch])
         rows = [(index, target) for index, request in enumerate(batch) for target in request.targets]
-        hypotheses = self.engine.decode(encoded, rows, self.max_new_tokens)
+        only_partials = all(r.kind == "partial" for r in batch)
+        should_stop = (lambda: self._finals_pending > 0) if only_partials else None
+        hypotheses = self.engine.decode(encoded, rows, self.max_new_tokens, should_stop)
         step_rows = max(self.engine.last_stats.batch_sizes, default=0)
         with self._stats_lock:
             self._stats.record(len(batch), len(rows), step_rows, time.perf_counter() - started)

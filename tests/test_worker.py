@@ -229,3 +229,40 @@ async def test_event_loop_keeps_ticking_while_the_worker_decodes(engine):
     assert stats.max_batch_seconds > 0.3, "the work must be heavy enough to show anything"
     assert gaps.max() < 0.1
     assert gaps.max() < stats.max_batch_seconds / 3
+
+
+async def test_a_final_preempts_a_running_partial_batch(audios):
+    """A final arriving mid-decode stops a partials-only batch before its next step."""
+    import threading
+
+    engine = engine_from_model(*tiny_whisper(), device="cpu")
+    engine.family.eos_token_ids = []  # no early EOS: an unpreempted partial runs all its steps
+    decoding = threading.Event()
+    real_step = engine.family.step
+
+    def slow_step(*args, **kwargs):
+        decoding.set()
+        time.sleep(0.02)
+        return real_step(*args, **kwargs)
+
+    engine.family.step = slow_step
+    worker = EngineWorker(engine, max_new_tokens=40)
+    worker.start()
+    try:
+        partial = worker.submit(audios[0], TARGETS[:1], "partial", key="stream-a")
+        assert await asyncio.to_thread(decoding.wait, 10)
+        final = await worker.transcribe(audios[1], TARGETS[:1], "final")
+        assert await partial is None
+    finally:
+        worker.stop()
+    assert worker.stats.preempted == 1
+    assert engine.last_stats.steps == 40  # the final itself ran to the end
+    assert len(final[0].tokens) == 40
+    # A partial with no final waiting is never preempted.
+    worker = EngineWorker(engine, max_new_tokens=5)
+    worker.start()
+    try:
+        assert await worker.transcribe(audios[0], TARGETS[:1], "partial", key="stream-a") is not None
+    finally:
+        worker.stop()
+    assert worker.stats.preempted == 0

@@ -14,6 +14,7 @@ same encoder input; ``tests/test_engine_parity.py`` holds the engine to that.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +34,11 @@ from transformers import (
 
 from .families import Family, Target, UnsupportedTarget, family_for
 
-__all__ = ["Engine", "EncodedBatch", "Hypothesis", "Target", "UnsupportedTarget", "DecodeStats"]
+__all__ = ["Engine", "EncodedBatch", "Hypothesis", "Target", "UnsupportedTarget", "DecodeStats", "DecodeInterrupted"]
+
+
+class DecodeInterrupted(Exception):
+    """``decode`` gave up between two steps because its ``should_stop`` callback said so."""
 
 
 @dataclass
@@ -126,9 +131,17 @@ class Engine:
     # -- decoder ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def decode(
-        self, encoded: EncodedBatch, rows: list[tuple[int, Target]], max_new_tokens: int | None = None
+        self,
+        encoded: EncodedBatch,
+        rows: list[tuple[int, Target]],
+        max_new_tokens: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[Hypothesis]:
-        """Greedy-decode each (utterance index, target) row; results come back in row order."""
+        """Greedy-decode each (utterance index, target) row; results come back in row order.
+
+        ``should_stop`` is polled before every decoder step; when it returns True the decode raises
+        DecodeInterrupted (the worker uses it to drop disposable partials when a final is waiting).
+        """
         prompts = [self.family.prompt(target) for _, target in rows]  # validates every target first
         stats = DecodeStats(rows=len(rows))
         started = time.perf_counter()
@@ -140,7 +153,8 @@ class Engine:
             utterances = torch.tensor([rows[i][0] for i in row_ids], device=self.device)
             mask = encoded.mask.index_select(0, utterances) if encoded.mask is not None else None
             generated = self._greedy(
-                encoded.states.index_select(0, utterances), mask, [prompts[i] for i in row_ids], max_new_tokens, stats
+                encoded.states.index_select(0, utterances), mask, [prompts[i] for i in row_ids],
+                max_new_tokens, stats, should_stop,
             )
             for i, seq in zip(row_ids, generated):
                 tokens[i] = seq
@@ -159,7 +173,7 @@ class Engine:
         hyps = self.decode(encoded, rows, max_new_tokens)
         return [hyps[u * len(targets) : (u + 1) * len(targets)] for u in range(len(audios))]
 
-    def _greedy(self, states, mask, prompts, max_new_tokens, stats) -> list[list[int]]:
+    def _greedy(self, states, mask, prompts, max_new_tokens, stats, should_stop=None) -> list[list[int]]:
         prompt_length = len(prompts[0])
         limit = self.family.max_target_positions - prompt_length
         if max_new_tokens is not None:
@@ -174,6 +188,8 @@ class Engine:
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         step_input = sequences
         for _ in range(max_new):
+            if should_stop is not None and should_stop():
+                raise DecodeInterrupted(f"stopped after {stats.steps} decoder steps")
             logits = self.family.step(step_input, states, mask, cache).float()
             stats.steps += 1
             stats.batch_sizes.append(len(live))
