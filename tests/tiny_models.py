@@ -45,33 +45,19 @@ def word_tokenizer(specials=SPECIALS, vocab_size=VOCAB_SIZE) -> PreTrainedTokeni
     )
 
 
+# Shared by the wav2vec2 and HuBERT encoders: 2 layers, a 3-layer conv front end (80x downsampling).
+_CONV_ENCODER = dict(
+    num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, conv_dim=(16, 16, 16),
+    conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+)
+
+
 def wav2vec2_config(hidden=32, **overrides) -> Wav2Vec2Config:
-    return Wav2Vec2Config(
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        conv_dim=(16, 16, 16),
-        conv_stride=(5, 4, 4),
-        conv_kernel=(10, 4, 4),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        **overrides,
-    )
+    return Wav2Vec2Config(hidden_size=hidden, **_CONV_ENCODER, **overrides)
 
 
 def hubert_config(hidden=32) -> HubertConfig:
-    return HubertConfig(
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        conv_dim=(16, 16, 16),
-        conv_stride=(5, 4, 4),
-        conv_kernel=(10, 4, 4),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-    )
+    return HubertConfig(hidden_size=hidden, **_CONV_ENCODER)
 
 
 def bert_decoder_config(hidden=24) -> BertConfig:
