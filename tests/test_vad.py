@@ -100,6 +100,22 @@ def test_low_white_noise_gives_no_events():
     assert run(VadSegmenter(), noise) == []
 
 
+def tone(frequency: float, seconds: float, amplitude: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    return (amplitude * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+
+
+def test_a_tone_above_the_speech_band_is_not_speech():
+    assert run(VadSegmenter(), np.concatenate([silence(1.0), tone(6000, 2.0), silence(1.5)])) == []
+
+
+def test_a_voiced_band_tone_burst_is_one_segment_around_the_burst():
+    """webrtcvad calls a steady 3 kHz tone voiced; the segmenter must frame the burst like speech."""
+    segments = ended(run(VadSegmenter(), np.concatenate([silence(1.0), tone(3000, 2.0), silence(1.5)])))
+    assert len(segments) == 1
+    assert_brackets(segments[0], (RATE, 3 * RATE))
+
+
 # --- real speech -----------------------------------------------------------------
 
 def test_two_utterances_give_two_segments_around_the_speech(speech):
