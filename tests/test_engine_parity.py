@@ -176,3 +176,21 @@ def test_speech2text_matches_generate():
     assert engine.family.name == "speech_to_text"
     audios = [tm.noise_audio(s, 60 + seed) for seed, s in enumerate([1.0, 0.6, 1.3])]
     assert_parity(model, engine, audios, Target(None, "de"), prompt_length=2, forced_bos_token_id=tm.DE)
+
+
+def test_tiny_whisper_detects_the_language_like_generate():
+    model, fe, tokenizer = tm.tiny_whisper()
+    engine = engine_from_model(model, fe, tokenizer, device="cpu")
+    audios = [tm.noise_audio(s, 70 + seed) for seed, s in enumerate([1.0, 2.0, 0.5, 1.5])]
+    inputs = engine.feature_inputs(audios)
+    with torch.inference_mode():
+        expected_ids = model.detect_language(inputs["input_features"]).tolist()
+    id_to_code = {token_id: code for code, token_id in engine.family.languages.items()}
+    hyps = [h[0] for h in engine.transcribe(audios, [Target()], max_new_tokens=MAX_NEW)]
+    assert [h.target.source_lang for h in hyps] == [id_to_code[i] for i in expected_ids]
+    assert all(h.target.target_lang == h.target.source_lang for h in hyps)  # transcribe
+    expected = reference(model, engine, audios, 0, task="transcribe")
+    assert [h.tokens for h in hyps] == expected
+    with pytest.raises(UnsupportedTarget, match="give the source language"):
+        engine.check_target(Target(None, "de"))
+    engine.check_target(Target(None, "en"))  # translate into English works without a source

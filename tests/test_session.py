@@ -132,7 +132,7 @@ def partial_segments(events):
 # -- fast: mechanics on the tiny model -----------------------------------------------------------------
 async def test_paced_stream_gives_partials_then_finals_equal_to_offline(tiny_engine, tiny_worker, english):
     events = []
-    session = StreamSession(SessionOptions("mic"), tiny_worker, tiny_engine, events.append)
+    session = StreamSession(SessionOptions("mic", source_lang="en"), tiny_worker, tiny_engine, events.append)
     pcm = to_s16(english)
     await stream_pcm(session, pcm, int(CHUNK_S * 16000) * 2, pace=session.wait_partial)
     check_event_order(events, "mic", ["en"])
@@ -151,7 +151,7 @@ async def test_paced_stream_gives_partials_then_finals_equal_to_offline(tiny_eng
 
 async def test_unpaced_stream_keeps_every_promise(tiny_engine, tiny_worker, english):
     events = []
-    session = StreamSession(SessionOptions("fast"), tiny_worker, tiny_engine, events.append)
+    session = StreamSession(SessionOptions("fast", source_lang="en"), tiny_worker, tiny_engine, events.append)
     pcm = to_s16(english)
     await stream_pcm(session, pcm, int(CHUNK_S * 16000) * 2)  # as fast as the loop goes
     check_event_order(events, "fast", ["en"])
@@ -163,7 +163,7 @@ async def test_unpaced_stream_keeps_every_promise(tiny_engine, tiny_worker, engl
 
 async def test_float_input_at_48_khz_is_resampled(tiny_engine, tiny_worker, english):
     events = []
-    options = SessionOptions("hifi", sample_rate=48000, encoding="pcm_f32le")
+    options = SessionOptions("hifi", sample_rate=48000, encoding="pcm_f32le", source_lang="en")
     session = StreamSession(options, tiny_worker, tiny_engine, events.append)
     audio_48k = StreamResampler(16000, 48000).process(english, last=True)
     await stream_pcm(session, audio_48k.astype("<f4").tobytes(), 4800 * 4)  # 100 ms of 48 kHz float32
@@ -196,7 +196,7 @@ async def test_four_concurrent_streams_are_batched_together(tiny_engine, english
     worker = EngineWorker(tiny_engine)
     worker.start()
     streams = {f"s{i}": [] for i in range(4)}
-    sessions = [StreamSession(SessionOptions(name), worker, tiny_engine, events.append)
+    sessions = [StreamSession(SessionOptions(name, source_lang="en"), worker, tiny_engine, events.append)
                 for name, events in streams.items()]
     pcm = to_s16(english)
 
@@ -228,7 +228,7 @@ async def test_finals_survive_a_vanished_client(tiny_engine, tiny_worker, englis
             finals.append(event)
         raise ConnectionError("client went away")
 
-    session = StreamSession(SessionOptions("gone"), tiny_worker, tiny_engine, emit)
+    session = StreamSession(SessionOptions("gone", source_lang="en"), tiny_worker, tiny_engine, emit)
     for piece in chunks(to_s16(english), 3200):
         await session.feed(piece)
     await session.finish()
@@ -239,7 +239,7 @@ async def test_a_failed_final_becomes_an_error_event_and_later_finals_still_come
     worker = EngineWorker(tiny_engine)
     worker.start()
     events = []
-    session = StreamSession(SessionOptions("x"), worker, tiny_engine, events.append)
+    session = StreamSession(SessionOptions("x", source_lang="en"), worker, tiny_engine, events.append)
     pcm = to_s16(english)
     middle = len(pcm) // 2 // 2 * 2  # within the pause between the two utterances
     await session.feed(pcm[:middle])

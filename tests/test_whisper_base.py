@@ -71,3 +71,11 @@ def test_transcribed_words_are_right(engine, clips, lang):
 def test_german_translated_into_english(engine):
     (hyp,) = engine.transcribe([espeak("Guten Morgen. Wie geht es dir?", "de", 130)], [Target("de", "en")])[0]
     assert words(hyp.text)[:2] == ["good", "morning"], hyp.text
+
+
+def test_language_detection_matches_generate(engine, clips):
+    langs = sorted(PHRASES)
+    audios = [clips[lang] for lang in langs]
+    hyps = [h[0] for h in engine.transcribe(audios, [Target()])]
+    assert [h.target.source_lang for h in hyps] == langs
+    assert [h.tokens for h in hyps] == generate_tokens(engine, audios, None, "transcribe")

@@ -102,7 +102,7 @@ class Engine:
 
     def check_target(self, target: Target) -> None:
         """Raise UnsupportedTarget with a clear message if the model cannot produce ``target``."""
-        self.family.prompt(target)
+        self.family.check_target(target)
 
     # -- encoder ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -142,9 +142,12 @@ class Engine:
         ``should_stop`` is polled before every decoder step; when it returns True the decode raises
         DecodeInterrupted (the worker uses it to drop disposable partials when a final is waiting).
         """
-        prompts = [self.family.prompt(target) for _, target in rows]  # validates every target first
+        for _, target in rows:  # validate every target before any model work
+            self.family.check_target(target)
         stats = DecodeStats(rows=len(rows))
         started = time.perf_counter()
+        rows = self._with_detected_languages(encoded, rows, stats)
+        prompts = [self.family.prompt(target) for _, target in rows]
         tokens: list[list[int]] = [[] for _ in rows]
         by_prompt_length: dict[int, list[int]] = {}
         for i, prompt in enumerate(prompts):
@@ -163,8 +166,33 @@ class Engine:
         self.last_stats = stats
         return [
             Hypothesis(seq, self.tokenizer.decode(seq, skip_special_tokens=True).strip(), target)
-            for seq, (_, target) in zip(tokens, rows)
+            for seq, (_, target) in zip(tokens, rows)  # targets with the detected source language
         ]
+
+    def detect_languages(self, encoded: EncodedBatch, utterances: list[int], stats: DecodeStats | None = None) -> list[str]:
+        """Whisper's language identification: one decoder step on <|startoftranscript|>, argmax over
+        the language tokens (what ``generate(language=None)`` does)."""
+        index = torch.tensor(utterances, device=self.device)
+        states = encoded.states.index_select(0, index)
+        mask = encoded.mask.index_select(0, index) if encoded.mask is not None else None
+        prompt = torch.tensor([self.family.detection_prompt()] * len(utterances), device=self.device)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        logits = self.family.step(prompt, states, mask, cache).float()
+        if stats is not None:
+            stats.steps += 1
+            stats.batch_sizes.append(len(utterances))
+        codes = list(self.family.languages)
+        ids = torch.tensor([self.family.languages[c] for c in codes], device=self.device)
+        return [codes[i] for i in logits.index_select(1, ids).argmax(dim=-1).tolist()]
+
+    def _with_detected_languages(self, encoded, rows, stats):
+        """Rows whose source language is left to the model get it filled in by detection."""
+        pending = sorted({u for u, target in rows if self.family.needs_detection(target)})
+        if not pending:
+            return rows
+        detected = dict(zip(pending, self.detect_languages(encoded, pending, stats)))
+        family = self.family
+        return [(u, family.with_detected_source(t, detected[u]) if family.needs_detection(t) else t) for u, t in rows]
 
     def transcribe(self, audios: list[np.ndarray], targets: list[Target], max_new_tokens: int | None = None):
         """Encode ``audios`` once and decode every target of each; returns [utterance][target]."""

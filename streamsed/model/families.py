@@ -104,6 +104,17 @@ class Family:
         receiving as decoder input; they count against ``max_new_tokens`` there, so here too."""
         return 0
 
+    def needs_detection(self, target: Target) -> bool:
+        """Whether the source language of ``target`` must be detected from the audio first."""
+        return False
+
+    def check_target(self, target: Target) -> None:
+        """Raise UnsupportedTarget if this model cannot produce ``target``."""
+        if self.needs_detection(target):
+            self.check_auto_source(target)
+        else:
+            self.prompt(target)
+
     # -- model calls -----------------------------------------------------------------------------
     def prepare_encoder_states(self, hidden: torch.Tensor, feature_mask: torch.Tensor | None):
         """Whatever is done once per encoder output before decoding (projection, mask downsampling)."""
@@ -141,9 +152,30 @@ class WhisperFamily(Family):
         return int(self.model.config.max_target_positions)
 
     def default_target(self) -> Target:
-        return Target("en", "en")
+        # Multilingual Whisper detects the spoken language per utterance, as generate() does.
+        return Target() if self.multilingual else Target("en", "en")
+
+    def needs_detection(self, target: Target) -> bool:
+        return self.multilingual and target.source_lang is None
+
+    def detection_prompt(self) -> list[int]:
+        return [self.start_token]
+
+    def check_auto_source(self, target: Target) -> None:
+        """With the source left to detection only 'transcribe' or 'translate into English' are knowable."""
+        if target.target_lang not in (None, "en"):
+            raise UnsupportedTarget(
+                f"Whisper cannot produce {target.target_lang!r} from speech of undetected language: give the "
+                f"source language (target = source transcribes), or target 'en' to translate into English"
+            )
+
+    def with_detected_source(self, target: Target, language: str) -> Target:
+        return Target(language, target.target_lang or language)
 
     def prompt(self, target: Target) -> list[int]:
+        if self.needs_detection(target):
+            self.check_auto_source(target)
+            raise UnsupportedTarget("internal: the source language must be detected before prompting")
         source = target.source_lang or "en"
         wanted = target.target_lang or source
         if not self.multilingual:
