@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     translate = commands.add_parser("translate", help="translate or transcribe an audio file")
     translate.add_argument("audio", help="mono audio file (WAV, FLAC, OGG...; any sample rate)")
     add_model_options(translate)
-    translate.add_argument("--source-lang", default=None, help="spoken language, e.g. de (default: the model's)")
+    translate.add_argument("--source-lang", default=None, help="spoken language, e.g. de (default: detected per segment by Whisper)")
     translate.add_argument(
         "--target-lang", default=None,
         help="output language(s), comma-separated, e.g. en or de,en (default: same as source = transcribe)",
@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", dest="serve_log_level", default=None, help="debug, info (default), warning or error"
     )
+
+    commands.add_parser("devices", help="list the microphones (audio input devices) PortAudio sees")
+    mic = commands.add_parser(
+        "mic", help="live captions of this computer's microphone in the terminal (--local or --server URL)"
+    )
+    from .mic_tool import add_arguments as add_mic_arguments
+
+    add_mic_arguments(mic)
     return parser
 
 
@@ -103,8 +111,20 @@ def run_serve(args) -> int:
     logging.getLogger().setLevel(level)
     # websockets logs every HTTP probe and connection at INFO; keep that for debug.
     logging.getLogger("websockets").setLevel(level if level == "DEBUG" else "WARNING")
+    daemon = Daemon(config)
+    if config.mqtt.enabled:  # a sink: registered before source edges, so it is stopped after them
+        from .mqtt import MqttEdge
+
+        try:
+            daemon.add_edge(MqttEdge(config.mqtt))
+        except ConfigError as error:  # an unreadable password_file or TLS file
+            raise UserError(str(error)) from None
+    if config.microphone.enabled:  # a source: registered after the sinks, so its last finals reach them
+        from .microphone import MicrophoneEdge
+
+        daemon.add_edge(MicrophoneEdge(config))
     try:
-        asyncio.run(Daemon(config).run())
+        asyncio.run(daemon.run())
     except OSError as error:  # e.g. the port is taken
         where = f"{config.server.host}:{config.server.port}"
         raise UserError(f"cannot serve on {where}: {error.strerror or error}") from None
@@ -115,6 +135,22 @@ def run_bench(args) -> int:
     from .bench import run_decode_bench
 
     return run_decode_bench(args)
+
+
+def run_devices(args) -> int:
+    from .microphone import MicrophoneError, format_devices, input_devices
+
+    try:
+        sys.stdout.write(format_devices(input_devices()))
+    except MicrophoneError as error:
+        raise UserError(str(error)) from None
+    return 0
+
+
+def run_mic(args) -> int:
+    from .mic_tool import run
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     from .model.loading import ModelUnavailable
 
     try:
-        return {"translate": run_translate, "bench": run_bench, "serve": run_serve}[args.command](args)
+        commands = {"translate": run_translate, "bench": run_bench, "serve": run_serve, "devices": run_devices,
+                    "mic": run_mic}
+        return commands[args.command](args)
     except (UserError, AudioError, UnsupportedTarget, ModelUnavailable) as error:
         print(f"streamsed: error: {error}", file=sys.stderr)
         return 2

@@ -33,6 +33,8 @@ class ServerConfig:
     max_sessions: int = 16
     max_frame_bytes: int = 1_048_576
     ping_interval_s: float = 20.0
+    # Origins (scheme://host[:port]) whose pages may open the websockets, besides same-origin pages.
+    allowed_origins: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -59,12 +61,57 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class MqttConfig:
+    """The MQTT publisher edge (streamsed/mqtt.py, docs/mqtt.md); "" means "derive the default"."""
+
+    enabled: bool = False
+    host: str = "localhost"
+    port: int = 1883
+    username: str = ""
+    password: str = ""
+    password_file: str = ""  # a file holding the password (first line); excludes password
+    tls: bool = False
+    tls_ca: str = ""  # "" = the system's CA certificates
+    tls_cert: str = ""  # client certificate + key, for brokers that require one
+    tls_key: str = ""
+    client_id: str = ""  # "" = streamsed-<node_id>
+    node_id: str = ""  # "" = this host's name
+    topic_prefix: str = ""  # "" = streamsed/<node_id>
+    qos_partial: int = 0
+    qos_final: int = 1
+    keepalive_s: int = 60
+    queue_size: int = 10000
+    flush_timeout_s: float = 5.0
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    ha_discovery: bool = True
+    ha_prefix: str = "homeassistant"
+
+
+@dataclass(frozen=True)
+class MicrophoneConfig:
+    """The daemon's microphone source (streamsed/microphone.py); see config/streamsed.toml."""
+
+    enabled: bool = False
+    device: str = ""  # "" = the default input; a device name (or a unique part of it) or an index like "2"
+    sample_rate: int = 0  # 0 = the device's own default rate (resampled to 16 kHz with soxr)
+    block_ms: int = 100
+    queue_blocks: int = 50
+    retry_s: float = 3.0
+    stream: str = "mic"
+    source_lang: str = ""  # "" = [streaming] source_lang
+    targets: list[str] = field(default_factory=list)  # [] = [streaming] targets
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     vad: VadConfig = field(default_factory=VadConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    microphone: MicrophoneConfig = field(default_factory=MicrophoneConfig)
 
 
 SECTIONS = {f.name: f.default_factory for f in fields(Config)}
@@ -164,6 +211,7 @@ def _type_name(kind: type) -> str:
 
 def _validate(config: Config) -> None:
     from .protocol import ENCODINGS, ProtocolError, parse_languages
+    from .web_routes import valid_origin_setting
 
     server, model, streaming = config.server, config.model, config.streaming
     checks = [
@@ -171,6 +219,9 @@ def _validate(config: Config) -> None:
         (server.max_sessions >= 1, "[server] max_sessions must be at least 1"),
         (server.max_frame_bytes >= 1024, "[server] max_frame_bytes must be at least 1024"),
         (server.ping_interval_s > 0, "[server] ping_interval_s must be positive"),
+        (all(valid_origin_setting(o) for o in server.allowed_origins),
+         "[server] allowed_origins entries must be \"*\" or scheme://host[:port] (http or https, no path), "
+         f"got {server.allowed_origins!r}"),
         (model.device in ("auto", "cpu", "cuda"), "[model] device must be auto, cpu or cuda"),
         (model.dtype in ("auto", "float32", "float16", "bfloat16"),
          "[model] dtype must be auto, float32, float16 or bfloat16"),
@@ -189,6 +240,66 @@ def _validate(config: Config) -> None:
         parse_languages(streaming.source_lang or None, streaming.targets)
     except ProtocolError as error:
         raise ConfigError(f"[streaming] {error.message}") from None
+    _validate_mqtt(config.mqtt)
+    _validate_microphone(config.microphone)
+
+
+def _validate_microphone(mic: MicrophoneConfig) -> None:
+    from .protocol import _STREAM_ID, ProtocolError, parse_languages
+
+    checks = [
+        (mic.sample_rate == 0 or MIN_SAMPLE_RATE <= mic.sample_rate <= MAX_SAMPLE_RATE,
+         f"[microphone] sample_rate must be 0 (the device's own) or {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE}"),
+        (10 <= mic.block_ms <= 1000, "[microphone] block_ms must be 10-1000"),
+        (mic.queue_blocks >= 1, "[microphone] queue_blocks must be at least 1"),
+        (mic.retry_s > 0, "[microphone] retry_s must be positive"),
+        (bool(_STREAM_ID.match(mic.stream)),
+         f"[microphone] stream must be 1-128 of A-Z a-z 0-9 . _ : -, got {mic.stream!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    try:
+        parse_languages(mic.source_lang or None, mic.targets)
+    except ProtocolError as error:
+        raise ConfigError(f"[microphone] {error.message}") from None
+
+
+def _valid_topic_prefix(prefix: str) -> bool:
+    """A topic (no wildcards) that more levels can follow: no empty level, no leading/trailing "/"."""
+    levels = prefix.split("/")
+    return all(level and not set(level) & set("+#\0") for level in levels)
+
+
+def _validate_mqtt(mqtt: MqttConfig) -> None:
+    import re
+
+    node_id = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+    checks = [
+        (bool(mqtt.host), "[mqtt] host must not be empty"),
+        (1 <= mqtt.port <= 65535, "[mqtt] port must be 1-65535"),
+        (not (mqtt.password and mqtt.password_file), "[mqtt] set password or password_file, not both"),
+        (mqtt.username or not (mqtt.password or mqtt.password_file),
+         "[mqtt] a password (or password_file) needs a username"),
+        (mqtt.tls or not (mqtt.tls_ca or mqtt.tls_cert or mqtt.tls_key),
+         "[mqtt] tls_ca, tls_cert and tls_key need tls = true"),
+        (bool(mqtt.tls_cert) == bool(mqtt.tls_key), "[mqtt] tls_cert and tls_key go together"),
+        (not mqtt.node_id or node_id.match(mqtt.node_id),
+         f"[mqtt] node_id must be 1-64 of A-Z a-z 0-9 _ - (Home Assistant's rule), got {mqtt.node_id!r}"),
+        (not mqtt.topic_prefix or _valid_topic_prefix(mqtt.topic_prefix),
+         f"[mqtt] topic_prefix must be topic levels like streamsed/kitchen (no + # or empty levels), "
+         f"got {mqtt.topic_prefix!r}"),
+        (_valid_topic_prefix(mqtt.ha_prefix), f"[mqtt] ha_prefix must be a topic like homeassistant, got {mqtt.ha_prefix!r}"),
+        (mqtt.qos_partial in (0, 1, 2) and mqtt.qos_final in (0, 1, 2), "[mqtt] qos_partial and qos_final must be 0, 1 or 2"),
+        (5 <= mqtt.keepalive_s <= 65535, "[mqtt] keepalive_s must be 5-65535"),
+        (mqtt.queue_size >= 10, "[mqtt] queue_size must be at least 10"),
+        (mqtt.flush_timeout_s >= 0, "[mqtt] flush_timeout_s must not be negative"),
+        (mqtt.reconnect_min_s > 0, "[mqtt] reconnect_min_s must be positive"),
+        (mqtt.reconnect_max_s >= mqtt.reconnect_min_s, "[mqtt] reconnect_max_s must be at least reconnect_min_s"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def with_overrides(config: Config, **sections: Mapping[str, Any]) -> Config:

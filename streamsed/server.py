@@ -3,6 +3,7 @@
 Endpoints (see docs/protocol.md): ``GET /healthz``, ``GET /readyz``, ``ws /v1/stream`` (ingest)
 and ``ws /v1/captions?stream=ID[&target_lang=xx]`` (listeners). The model loads in a thread while
 the port already answers /healthz; ingest connections are refused with ``not_ready`` until then.
+Browser pages, caption export and the websocket Origin check are in ``web_routes``.
 
 Per ingest connection three tasks cooperate, so the socket is always read (pings are answered
 however busy the model is) and events keep their order:
@@ -34,7 +35,7 @@ from typing import Protocol
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from . import protocol
+from . import protocol, web_routes
 from .audio import AudioError
 from .captions_hub import CaptionsHub
 from .config import Config
@@ -190,8 +191,15 @@ class Daemon:
                      f"model failed to load: {self.load_error}" if self.load_error else "loading model")
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, state + "\n")
         if path in (protocol.STREAM_PATH, protocol.CAPTIONS_PATH):
+            if not web_routes.origin_allowed(request.headers, self.config.server.allowed_origins):
+                log.info("refused a websocket from origin %s", request.headers.get_all("Origin"))
+                return web_routes.forbidden_origin(request.headers)  # 403: a page from another site
             return None  # websocket handshake
-        endpoints = f"/healthz /readyz ws:{protocol.STREAM_PATH} ws:{protocol.CAPTIONS_PATH}"
+        page = web_routes.route(self, request)  # browser pages, caption export, stream list
+        if page is not None:
+            return page
+        endpoints = (f"/healthz /readyz ws:{protocol.STREAM_PATH} ws:{protocol.CAPTIONS_PATH} / /captions /speak "
+                     f"{web_routes.STREAMS_PATH} {web_routes.STREAMS_PATH}/ID/captions.vtt|.srt|.jsonl")
         return connection.respond(HTTPStatus.NOT_FOUND, f"not found; endpoints: {endpoints}\n")
 
     async def _handle(self, ws: ServerConnection) -> None:

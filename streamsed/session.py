@@ -95,12 +95,13 @@ class StreamSession:
         self._resampler = StreamResampler(options.sample_rate, MODEL_SAMPLE_RATE)  # AudioError: bad rate
         self._segmenter = segmenter_for(engine_info, vad_config)
         self._worker = worker
+        self._engine_info = engine_info
         self._emit_callback = emit
         self._chunk_samples = chunk_ms * MODEL_SAMPLE_RATE // 1000
         self._received = 0  # 16 kHz samples handed to the segmenter so far
         self._partial_mark = 0  # stream offset when the open utterance last got a partial request
         self._partial: asyncio.Task | None = None  # the one partial in flight
-        self._agreements: dict[int, list[LocalAgreement]] = {}  # segment -> one per target
+        self._agreements: dict[int, dict[Target, LocalAgreement]] = {}  # segment -> one per target
         self._last_final_segment = -1  # segments up to this one have had their finals emitted
         self._final_chain: asyncio.Task | None = None  # the newest final; it awaits the ones before
         self._finished = False
@@ -137,6 +138,18 @@ class StreamSession:
             self._handle(events, arrived)
         if self._final_chain is not None:
             await self._final_chain
+
+    def set_targets(self, targets: list[str | None]) -> list[Target]:
+        """Change the output languages of a live stream (MQTT control topic); returns them resolved.
+
+        Raises UnsupportedTarget (and changes nothing) for a code or pair the model cannot do. The
+        change applies from the next partial/final request: requests already queued keep their targets.
+        """
+        wanted = [parse_language(code, "target") for code in targets or [None]]
+        resolved = resolve_targets(self._engine_info, self.targets[0].source_lang, wanted)
+        self.targets = resolved
+        self.options.targets = list(wanted)
+        return resolved
 
     async def wait_partial(self) -> None:
         """Wait for the partial in flight, if any (tests and file replays use it to pace input)."""
@@ -177,8 +190,9 @@ class StreamSession:
             return
         if hypotheses is None or segment <= self._last_final_segment:
             return  # superseded, or the final is out already and must stay the last word
-        agreements = self._agreements.setdefault(segment, [LocalAgreement() for _ in self.targets])
-        for agreement, hypothesis in zip(agreements, hypotheses):
+        agreements = self._agreements.setdefault(segment, {})
+        for hypothesis in hypotheses:  # keyed by target: set_targets() may change them between partials
+            agreement = agreements.setdefault(hypothesis.target, LocalAgreement())
             stable, unstable = agreement.update(hypothesis.text)
             self._emit({"type": "partial", "stream": self.stream, "segment": segment,
                         "target_lang": hypothesis.target.target_lang, "stable": stable,
