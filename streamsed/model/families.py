@@ -16,6 +16,7 @@ A family only knows token ids and module calls; the engine owns batching, cachin
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,7 @@ def _as_list(value) -> list[int]:
     return [int(v) for v in value]
 
 
-class Family:
+class Family(ABC):
     """Base class: prompt tokens, stop tokens and one cached decoder step for one architecture."""
 
     name = "base"
@@ -84,8 +85,9 @@ class Family:
     def default_target(self) -> Target:
         return Target()
 
+    @abstractmethod
     def prompt(self, target: Target) -> list[int]:
-        raise NotImplementedError  # pragma: no cover - every family overrides it
+        """Decoder input ids that start the output for ``target`` (raises UnsupportedTarget)."""
 
     def check_language(self, code: str | None, role: str) -> None:
         if code is None or not self.languages or code in self.languages:
@@ -120,9 +122,9 @@ class Family:
         """Whatever is done once per encoder output before decoding (projection, mask downsampling)."""
         return hidden, None
 
+    @abstractmethod
     def step(self, input_ids, encoder_states, encoder_mask, cache) -> torch.Tensor:
         """Run the decoder on the new ``input_ids`` with ``cache``; return last-position logits."""
-        raise NotImplementedError  # pragma: no cover
 
     def suppressed_tokens(self) -> tuple[list[int], list[int]]:
         """(always suppressed, suppressed at the first generated position)."""
