@@ -117,6 +117,8 @@ class Daemon:
         try:
             if self.engine is None:
                 self.engine = await asyncio.to_thread(self._loader)
+            if self._stopping:  # shut down while loading: start nothing that stop() would miss
+                return
             self.worker = EngineWorker(self.engine, self.config.model.max_batch_utterances)
             self.worker.start()
         except Exception as error:
@@ -302,14 +304,20 @@ class _Ingest:
             log.exception("session on stream %s failed", self.stream)
             self.reply(error_event("internal", f"internal error: {error}"))
             code, reason = protocol.CLOSE_INTERNAL, close_reason("internal", str(error))
+            try:
+                await self._finish()  # the open utterance's final still reaches listeners
+            except Exception:
+                log.exception("stream %s: finishing after the failure failed too", self.stream)
         finally:
-            if self.stream is not None:
-                self.daemon.hub.release(self.stream)
-                self.daemon.sessions.pop(self.stream, None)
-            self.outbox.put_nowait(None)
-            await sender
-            reader.cancel()
-            self.done.set()
+            try:
+                if self.stream is not None:
+                    self.daemon.hub.release(self.stream)
+                    self.daemon.sessions.pop(self.stream, None)
+                self.outbox.put_nowait(None)
+                await sender
+            finally:  # whatever happened, shutdown must not wait for this connection forever
+                reader.cancel()
+                self.done.set()
         await self.ws.close(code, reason)
         log.info("stream %s closed (%s %s)", self.stream, code, reason)
 
@@ -320,7 +328,8 @@ class _Ingest:
                     await self.inbox.put(message)
         except ConnectionClosed:
             pass
-        await self.inbox.put(_GONE)
+        finally:  # on any end of the socket (even an unexpected error) the processor must learn of it
+            await self.inbox.put(_GONE)
 
     async def _send(self) -> None:
         while (event := await self.outbox.get()) is not None:

@@ -21,6 +21,7 @@ ready ``Response`` or None (not ours). Nothing here awaits.
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import json
 import re
 from http import HTTPStatus
@@ -144,7 +145,7 @@ def export(hub, stream: str, fmt: str, query: dict[str, str], headers: dict[str,
     seen = list(dict.fromkeys(f["target_lang"] for f in finals))
     if target_lang is not None and seen and target_lang not in seen:
         return text(HTTPStatus.NOT_FOUND, f"stream {stream!r} has no {target_lang!r} captions; "
-                                          f"its target languages: {', '.join(seen)}")
+                                          f"its target languages: {', '.join(map(str, seen))}")
     body = render(export_rows(finals, target_lang), fmt)
     filename = f"{stream}.{target_lang}.{fmt}" if target_lang else f"{stream}.{fmt}"
     headers = {**(headers or {}), "Content-Disposition": f'inline; filename="{filename}"'}
@@ -217,13 +218,28 @@ def _host_port(netloc: str, default_port: str) -> tuple[str, str]:
     return host.lower(), port
 
 
+def _is_address_literal(host: str) -> bool:
+    """An IP literal or ``localhost``: names a DNS-rebinding page cannot make point at us."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return host == "localhost"
+
+
 def same_origin(origin: str, host_header: str | None) -> bool:
-    """True when ``origin``'s host and port are those of the ``Host`` header (the page came from here)."""
+    """True when ``origin``'s host and port are those of the ``Host`` header (the page came from here).
+
+    Only for hosts given as an IP address or ``localhost``: a page at ``http://evil.example:8765``
+    whose name was re-resolved to this machine (DNS rebinding) also sends ``Host: evil.example:8765``,
+    so a DNS name is trusted only when listed in ``[server] allowed_origins``.
+    """
     match = _ORIGIN.match(origin.lower())
     if not match or not host_header:
         return False
     default = _DEFAULT_PORTS[match.group(1)]
-    return _host_port(match.group(2), default) == _host_port(host_header.strip(), default)
+    page = _host_port(match.group(2), default)
+    return page == _host_port(host_header.strip(), default) and _is_address_literal(page[0])
 
 
 def origin_allowed(headers, allowed: list[str] | tuple[str, ...]) -> bool:

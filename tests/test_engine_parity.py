@@ -194,3 +194,19 @@ def test_tiny_whisper_detects_the_language_like_generate():
     with pytest.raises(UnsupportedTarget, match="give the source language"):
         engine.check_target(Target(None, "de"))
     engine.check_target(Target(None, "en"))  # translate into English works without a source
+
+
+def test_length_limit_comes_from_the_generation_config_like_generate():
+    """Without max_new_tokens, generate() stops where the generation config says (20 new tokens by default)."""
+    model = tm.speech_encoder_decoder(tm.wav2vec2_config(), tm.bert_decoder_config(), seed=5)
+    engine = engine_from_model(model, tm.wav2vec2_feature_extractor(), tm.word_tokenizer(), device="cpu")
+    audios = [tm.noise_audio(1.0, 80), tm.noise_audio(0.7, 81)]
+    inputs = engine.feature_inputs(audios)
+    main = inputs.pop("input_values")
+    with torch.inference_mode():
+        sequences = model.generate(main, **inputs, num_beams=1, do_sample=False)
+    expected = generated_part(sequences, 1, [tm.PAD])
+    assert [h[0].tokens for h in engine.transcribe(audios, [Target()])] == expected
+    assert max(len(t) for t in expected) == 20
+    model.generation_config.max_length = 9  # counts the start token
+    assert [len(h[0].tokens) for h in engine.transcribe(audios, [Target()])] == [8, 8]

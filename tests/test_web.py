@@ -175,12 +175,15 @@ async def test_any_origin_when_configured(engine):
 
 def test_same_origin_rules():
     same = web_routes.same_origin
-    assert same("http://example.org", "example.org") and same("http://example.org", "example.org:80")
-    assert same("https://example.org", "example.org") and same("https://example.org:443", "Example.org")
-    assert not same("https://example.org", "example.org:80")
+    assert same("http://192.168.1.5", "192.168.1.5") and same("http://192.168.1.5", "192.168.1.5:80")
+    assert same("https://10.0.0.2", "10.0.0.2") and same("https://localhost:443", "LOCALHOST")
+    assert not same("https://10.0.0.2", "10.0.0.2:80")
     assert same("http://[::1]:8765", "[::1]:8765") and not same("http://[::1]:8765", "[::1]:8766")
-    assert not same("ftp://example.org", "example.org") and not same("http://example.org", None)
-    assert not same("http://user@example.org", "example.org")
+    assert not same("ftp://10.0.0.2", "10.0.0.2") and not same("http://10.0.0.2", None)
+    assert not same("http://user@10.0.0.2", "10.0.0.2")
+    # DNS rebinding: a foreign page whose name now resolves here sends a matching Host header.
+    assert not same("http://evil.example:8765", "evil.example:8765")
+    assert not same("http://example.org", "example.org")  # DNS names need [server] allowed_origins
 
 
 def test_allowed_origins_setting(tmp_path):

@@ -37,6 +37,9 @@ from .families import Family, Target, UnsupportedTarget, family_for
 __all__ = ["Engine", "EncodedBatch", "Hypothesis", "Target", "UnsupportedTarget", "DecodeStats", "DecodeInterrupted"]
 
 
+GENERATE_DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_length nor max_new_tokens is set
+
+
 class DecodeInterrupted(Exception):
     """``decode`` gave up between two steps because its ``should_stop`` callback said so."""
 
@@ -203,11 +206,19 @@ class Engine:
 
     def _greedy(self, states, mask, prompts, max_new_tokens, stats, should_stop=None) -> list[list[int]]:
         prompt_length = len(prompts[0])
-        limit = self.family.max_target_positions - prompt_length
+        # generate() counts its decoder input (our prompt minus the forced tokens) in max_length.
+        input_length = prompt_length - self.family.forced_prompt_tokens(prompts[0])
+        config = self.family.generation_config
+        max_new_tokens = max_new_tokens if max_new_tokens is not None else config.max_new_tokens
         if max_new_tokens is not None:
-            limit = min(limit, max_new_tokens - self.family.forced_prompt_tokens(prompts[0]))
-        max_new = max(limit, 0)
-        processors = self._logits_processors(prompt_length, prompt_length + max_new)
+            max_length = input_length + max_new_tokens
+        elif config.max_length is not None:
+            max_length = config.max_length
+        else:  # generate()'s default when a config sets no length: 20 new tokens
+            max_length = input_length + GENERATE_DEFAULT_NEW_TOKENS
+        max_length = min(max_length, self.family.max_target_positions)
+        max_new = max(max_length - prompt_length, 0)
+        processors = self._logits_processors(prompt_length, input_length, max_length)
         eos = torch.tensor(self.family.eos_token_ids, device=self.device)
 
         sequences = torch.tensor(prompts, device=self.device)  # full sequences of the live rows
@@ -240,8 +251,12 @@ class Engine:
             step_input = next_tokens[:, None]
         return results
 
-    def _logits_processors(self, prompt_length: int, max_length: int) -> LogitsProcessorList:
-        """The greedy-relevant processors ``generate`` builds from the generation config."""
+    def _logits_processors(self, prompt_length: int, input_length: int, max_length: int) -> LogitsProcessorList:
+        """The greedy-relevant processors ``generate`` builds from the generation config.
+
+        ``input_length`` is the decoder input generate() starts from (the prompt without forced
+        tokens); begin-suppression applies at the first free position, after the whole prompt.
+        """
         config = self.family.generation_config
         eos = self.family.eos_token_ids
         suppress, begin_suppress = self.family.suppressed_tokens()
@@ -253,7 +268,7 @@ class Engine:
         if config.min_length and eos:
             processors.append(MinLengthLogitsProcessor(config.min_length, eos, device=self.device))
         if config.min_new_tokens and eos:
-            processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos, device=self.device))
+            processors.append(MinNewTokensLengthLogitsProcessor(input_length, config.min_new_tokens, eos, device=self.device))
         if suppress:
             processors.append(SuppressTokensLogitsProcessor(suppress, device=self.device))
         if begin_suppress:
