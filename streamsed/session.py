@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 __all__ = ["SessionOptions", "StreamSession", "DECODE_FAILED"]
 
 DECODE_FAILED = "decode_failed"
+MAX_FINALS_IN_FLIGHT = 4  # per session: beyond this, feed() waits for the model (backpressure)
 """Error code emitted when the model fails on a segment's final (the stream goes on)."""
 
 
@@ -104,6 +105,7 @@ class StreamSession:
         self._agreements: dict[int, dict[Target, LocalAgreement]] = {}  # segment -> one per target
         self._last_final_segment = -1  # segments up to this one have had their finals emitted
         self._final_chain: asyncio.Task | None = None  # the newest final; it awaits the ones before
+        self._finals_in_flight = 0
         self._finished = False
 
     @property
@@ -120,6 +122,10 @@ class StreamSession:
         self._received += len(samples)
         self._handle(self._segmenter.feed(samples), arrived)
         self._maybe_request_partial()
+        if self._finals_in_flight > MAX_FINALS_IN_FLIGHT:
+            # Audio arrives faster than the model finalizes it (a file sent as fast as possible, an
+            # overloaded model): wait here, so the caller stops reading instead of queueing without bound.
+            await asyncio.gather(asyncio.shield(self._final_chain), return_exceptions=True)
 
     async def finish(self) -> None:
         """End the stream: close the open utterance, then wait until every final is emitted.
@@ -137,7 +143,7 @@ class StreamSession:
                 self._partial.cancel()  # the utterance is closing: its final supersedes any partial
             self._handle(events, arrived)
         if self._final_chain is not None:
-            await self._final_chain
+            await asyncio.shield(self._final_chain)  # a cancelled caller must not cancel the finals
 
     def set_targets(self, targets: list[str | None]) -> list[Target]:
         """Change the output languages of a live stream (MQTT control topic); returns them resolved.
@@ -202,6 +208,7 @@ class StreamSession:
     def _request_final(self, ended: SpeechEnded, arrived: float) -> None:
         future = self._submit(ended.audio, "final")
         previous = self._final_chain
+        self._finals_in_flight += 1
         self._final_chain = asyncio.ensure_future(self._emit_finals(ended, arrived, future, previous))
 
     async def _emit_finals(
@@ -211,8 +218,9 @@ class StreamSession:
             hypotheses = await future
         except Exception as error:
             hypotheses = error
-        if previous is not None:
-            await previous  # finals go out in segment order
+        if previous is not None:  # finals go out in segment order; a failed one must not stop the rest
+            await asyncio.gather(asyncio.shield(previous), return_exceptions=True)
+        self._finals_in_flight -= 1
         self._last_final_segment = ended.segment
         self._agreements.pop(ended.segment, None)
         if isinstance(hypotheses, Exception):

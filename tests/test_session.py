@@ -361,3 +361,34 @@ async def test_real_model_german_captions_and_english_translation(whisper_base, 
     by_target = {(segment, lang): text for segment, _, _, lang, text in finals}
     assert words(by_target[1, "de"]) == words("Ich habe heute keine Zeit.")
     assert words(by_target[0, "en"])[:2] == ["good", "morning"]
+
+
+async def test_feed_waits_when_finals_pile_up(tiny_engine):
+    """With the model behind, feed() stops returning once MAX_FINALS_IN_FLIGHT finals are pending."""
+    from streamsed.session import MAX_FINALS_IN_FLIGHT
+
+    burst = np.concatenate([silence(0.3)] + [np.concatenate([espeak("Yes.", "en", 150), silence(0.9)])] * 8)
+    worker = EngineWorker(tiny_engine, max_new_tokens=4)  # not started yet: no final can complete
+    events = []
+    session = StreamSession(SessionOptions("flood", source_lang="en"), worker, tiny_engine, events.append)
+    pieces = chunks(to_s16(burst), int(CHUNK_S * 16000) * 2)
+    fed = 0
+    for piece in pieces:
+        try:
+            await asyncio.wait_for(asyncio.shield(feeding := asyncio.ensure_future(session.feed(piece))), 0.5)
+        except asyncio.TimeoutError:
+            break
+        fed += 1
+    assert fed < len(pieces), "feed never pushed back"
+    assert sum(e["type"] == "speech_end" for e in events) == MAX_FINALS_IN_FLIGHT + 1
+    worker.start()  # the model catches up: the blocked feed returns and every final comes
+    try:
+        await feeding
+        for piece in pieces[fed + 1 :]:
+            await session.feed(piece)
+        await session.finish()
+    finally:
+        worker.stop()
+    finals = [e for e in events if e["type"] == "final"]
+    assert [f["segment"] for f in finals] == list(range(sum(e["type"] == "speech_end" for e in events)))
+    assert len(finals) >= MAX_FINALS_IN_FLIGHT + 2
