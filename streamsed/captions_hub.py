@@ -32,6 +32,7 @@ from .protocol import CAPTION_EVENTS
 log = logging.getLogger(__name__)
 
 MAX_FINALS_KEPT = 10_000  # per stream: hours of captions, bounded memory
+MAX_STREAMS_KEPT = 1_000  # streams whose finals are kept; the least recently active idle one goes first
 
 
 class Listener:
@@ -88,11 +89,21 @@ class CaptionsHub:
         self._listeners: dict[str, set[Listener]] = defaultdict(set)
         self._live: set[str] = set()
         self._observers: list[Callable[[dict], None]] = []
-        self._finals: dict[str, deque[dict]] = defaultdict(lambda: deque(maxlen=MAX_FINALS_KEPT))
+        self._finals: dict[str, deque[dict]] = {}  # insertion order = least recently active first
 
     def add_observer(self, observer: Callable[[dict], None]) -> None:
         """Call ``observer(event)`` for every partial/final of every stream (it must not block)."""
         self._observers.append(observer)
+
+    def _keep_final(self, event: dict) -> None:
+        stream = event["stream"]
+        kept = self._finals.pop(stream, None) or deque(maxlen=MAX_FINALS_KEPT)
+        kept.append(event)
+        self._finals[stream] = kept  # re-inserted: now the most recently active
+        if len(self._finals) > MAX_STREAMS_KEPT:
+            idle = next((s for s in self._finals if s not in self._live), None)
+            if idle is not None:
+                del self._finals[idle]
 
     def finals(self, stream: str) -> list[dict]:
         """The stream's finals so far, in the order they were produced."""
@@ -123,7 +134,7 @@ class CaptionsHub:
         if event.get("type") not in CAPTION_EVENTS:
             return
         if event["type"] == "final":
-            self._finals[event["stream"]].append(event)
+            self._keep_final(event)
         for observer in self._observers:
             try:
                 observer(event)

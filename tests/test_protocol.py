@@ -203,3 +203,21 @@ def test_docs_list_every_error_code_with_its_close_code():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
     documented = dict(re.findall(r"^\| `([a-z_]+)` \| (-|\d{4}) \|", doc, re.MULTILINE))
     assert documented == {code: str(close) if close else "-" for code, (close, _) in ERRORS.items()}
+
+
+def test_hub_keeps_finals_of_a_bounded_number_of_streams(monkeypatch):
+    from streamsed import captions_hub
+
+    monkeypatch.setattr(captions_hub, "MAX_STREAMS_KEPT", 3)
+    hub = captions_hub.CaptionsHub()
+    assert hub.claim("live")
+    final = lambda stream, n: {"type": "final", "stream": stream, "segment": n, "target_lang": "en", "text": f"t{n}"}
+    hub.publish(final("live", 0))
+    for i, stream in enumerate(["a", "b", "c"]):
+        hub.publish(final(stream, i))
+    assert hub.finals("live") == [final("live", 0)]  # a live stream is never evicted
+    assert hub.finals("a") == []  # the least recently active idle stream went
+    assert [f["text"] for f in hub.finals("c")] == ["t2"]
+    hub.publish(final("b", 5))
+    hub.publish(final("d", 6))
+    assert hub.finals("c") == [] and len(hub.finals("b")) == 2
