@@ -47,6 +47,7 @@ __all__ = [
 PORTAUDIO_PACKAGE = "libportaudio2"
 STALL_S = 5.0  # no block for this long: the device is treated as lost
 CLOSE_TIMEOUT_S = 3.0  # a driver that hangs on close is abandoned after this long
+STOP_TIMEOUT_S = 10.0  # daemon shutdown waits at most this long for the capture task
 OVERFLOW_LOG_INTERVAL_S = 10.0
 SILENCE_DBFS = -96.0  # the level reported for digital silence (16-bit floor)
 
@@ -560,6 +561,10 @@ class MicrophoneEdge:
         """Close the device, finish the open utterance (its finals reach the listeners), release the id."""
         self.microphone.close()
         if self._task is not None:
+            done, _ = await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_S)
+            if not done:  # a hung PortAudio open/close must not keep the daemon (and MQTT's offline) waiting
+                log.error("microphone: the device did not close within %s s; abandoning it", STOP_TIMEOUT_S)
+                self._task.cancel()  # _run's finally still finishes the open utterance
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._claimed:
