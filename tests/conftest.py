@@ -18,3 +18,15 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped although scripts/test.sh installed everything: {reason}"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny random Whisper saved as a checkpoint, so a daemon subprocess loads it in a second."""
+    from tests.tiny_models import tiny_whisper
+
+    folder = tmp_path_factory.mktemp("tiny-whisper")
+    model, extractor, tokenizer = tiny_whisper()
+    for part in (model, extractor, tokenizer):
+        part.save_pretrained(folder)
+    return folder

@@ -167,19 +167,6 @@ def vmic(tmp_path):
     mic.cleanup()
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """The tiny random Whisper saved as a checkpoint, so a subprocess loads it in a second."""
-    from tests.tiny_models import tiny_whisper
-
-    folder = tmp_path_factory.mktemp("tiny-whisper")
-    model, extractor, tokenizer = tiny_whisper()
-    model.save_pretrained(folder)
-    extractor.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 class Tmux:
     """A real terminal (tmux) running one command; ``screen()`` is what a user would see."""
 

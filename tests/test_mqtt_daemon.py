@@ -26,20 +26,9 @@ from websockets.asyncio.client import connect
 from tests import mosquitto
 from tests.mosquitto import Mosquitto, Recorder, SubProcess, retained
 from tests.speech import espeak, silence, words
-from tests.tiny_models import tiny_whisper
 
 pytestmark = pytest.mark.skipif(not mosquitto.available(), reason="needs Debian's mosquitto (see README)")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-whisper")
-    model, extractor, tokenizer = tiny_whisper()
-    model.save_pretrained(folder)
-    extractor.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
