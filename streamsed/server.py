@@ -30,7 +30,7 @@ import signal
 import uuid
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -39,12 +39,14 @@ from . import protocol, web_routes
 from .audio import AudioError
 from .captions_hub import CaptionsHub
 from .config import Config
-from .model.engine import Engine
 from .model.families import UnsupportedTarget
 from .protocol import ProtocolError, close_reason, encode, error_event
 from .session import SessionOptions, StreamSession
 from .translate import resolve_targets
-from .worker import EngineWorker
+
+if TYPE_CHECKING:  # the daemon edge never touches torch itself: the worker and engine do
+    from .model.engine import Engine
+    from .worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,8 @@ class Daemon:
                 self.engine = await asyncio.to_thread(self._loader)
             if self._stopping:  # shut down while loading: start nothing that stop() would miss
                 return
+            from .worker import EngineWorker
+
             self.worker = EngineWorker(self.engine, self.config.model.max_batch_utterances)
             self.worker.start()
         except Exception as error:

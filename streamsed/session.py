@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -36,7 +36,9 @@ from .model.families import Target
 from .stabilize import LocalAgreement
 from .translate import parse_language, resolve_targets, segmenter_for
 from .vad import SpeechEnded, SpeechStarted, VadConfig, VadEvent, samples_to_seconds
-from .worker import EngineWorker
+
+if TYPE_CHECKING:  # sessions hand work to the worker as data; they never import torch themselves
+    from .worker import EngineWorker
 
 log = logging.getLogger(__name__)
 

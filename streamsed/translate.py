@@ -10,14 +10,17 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .audio import MODEL_SAMPLE_RATE
 from .captions import Caption, to_srt, to_vtt
-from .model.engine import Engine
 from .model.families import Target, UnsupportedTarget
 from .vad import SpeechEnded, VadConfig, VadSegmenter, samples_to_seconds
+
+if TYPE_CHECKING:  # the pipeline only calls the engine; importing it would load torch here
+    from .model.engine import Engine
 
 _LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}$")
 FORMATS = ("text", "jsonl", "srt", "vtt")

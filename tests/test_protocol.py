@@ -221,3 +221,14 @@ def test_hub_keeps_finals_of_a_bounded_number_of_streams(monkeypatch):
     hub.publish(final("b", 5))
     hub.publish(final("d", 6))
     assert hub.finals("c") == [] and len(hub.finals("b")) == 2
+
+
+def test_the_asyncio_edges_import_without_torch():
+    """Edges know nothing of torch: only the engine worker loads it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, streamsed.server, streamsed.session, streamsed.protocol, streamsed.mqtt, "
+            "streamsed.web_routes, streamsed.captions_hub, streamsed.translate; print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

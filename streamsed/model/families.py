@@ -19,7 +19,10 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: Target and UnsupportedTarget stay importable without torch
+    import torch
 
 
 class UnsupportedTarget(ValueError):
