@@ -2,13 +2,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamsed.audio import (
-    MODEL_SAMPLE_RATE,
-    AudioError,
-    StreamResampler,
-    load_audio_file,
-    pcm_to_float32,
-)
+from streamsed.core.audio import MODEL_SAMPLE_RATE, AudioError, StreamResampler, load_audio_file, pcm_to_float32
 
 
 def sine(frequency: float, rate: int, seconds: float = 1.0, amplitude: float = 0.5) -> np.ndarray:

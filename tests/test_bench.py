@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from streamsed import bench
+from streamsed.bench import decode as bench
 from streamsed.cli import main
 
 CONTENDERS = ("engine", "generate", "ct2_float32", "ct2_int8")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from streamsed.captions import Caption, format_timestamp, to_srt, to_vtt
+from streamsed.core.captions import Caption, format_timestamp, to_srt, to_vtt
 
 TWO_CUES = [
     Caption(0, 0.0, 2.5, "Hello world."),

@@ -51,9 +51,9 @@ def test_translate_sample_prints_the_english_text():
 
 @pytest.mark.slow
 def test_jsonl_times_are_the_decoded_segments(two_utterances):
-    from streamsed.audio import load_audio_file
-    from streamsed.model.loading import load_engine
-    from streamsed.translate import segment_audio
+    from streamsed.core.audio import load_audio_file
+    from streamsed.core.segments import segment_audio
+    from streamsed.engine.loading import load_engine
 
     result = streamsed("translate", str(two_utterances), "--format", "jsonl", "--source-lang", "en")
     assert result.returncode == 0, result.stderr
@@ -147,7 +147,7 @@ def test_broken_ctranslate2_model_dir(tmp_path):
 @pytest.mark.slow
 def test_faster_whisper_directory_as_model(tmp_path):
     """A CTranslate2/faster-whisper directory given as --model is converted once and served."""
-    from streamsed.bench import materialize_default_ct2
+    from streamsed.bench.decode import materialize_default_ct2
 
     ct2_dir = materialize_default_ct2()
     assert (ct2_dir / "model.bin").is_file()

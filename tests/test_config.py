@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from streamsed.config import Config, ConfigError, load_config
-from streamsed.vad import VadConfig
+from streamsed.core.vad import VadConfig
+from streamsed.daemon.config import Config, ConfigError, load_config
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "streamsed.toml"
 

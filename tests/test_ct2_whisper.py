@@ -1,4 +1,4 @@
-"""CTranslate2 -> transformers Whisper conversion (streamsed.model.ct2_whisper, default_model).
+"""CTranslate2 -> transformers Whisper conversion (streamsed.engine.ct2_whisper, default_model).
 
 The round trip uses ctranslate2's own converter (``TransformersConverter``, which works with
 transformers 5) to write a model.bin from a tiny random Whisper, then converts it back with ours.
@@ -30,12 +30,8 @@ from transformers import (  # noqa: E402
     WhisperTokenizerFast,
 )
 
-from streamsed.model import default_model as dm  # noqa: E402
-from streamsed.model.ct2_whisper import (  # noqa: E402
-    Ct2FormatError,
-    convert_ct2_whisper,
-    read_ct2_model,
-)
+from streamsed.engine import default_model as dm  # noqa: E402
+from streamsed.engine.ct2_whisper import Ct2FormatError, convert_ct2_whisper, read_ct2_model
 
 WHISPER_SPECIAL = {
     "<|endoftext|>": 50257,

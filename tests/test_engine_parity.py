@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 import torch
 
-from streamsed.model.engine import Target, UnsupportedTarget
-from streamsed.model.loading import engine_from_model, load_engine
+from streamsed.engine.engine import Target, UnsupportedTarget
+from streamsed.engine.loading import engine_from_model, load_engine
 from tests import tiny_models as tm
 
 MAX_NEW = 24

@@ -13,10 +13,10 @@ import webvtt
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from streamsed.config import load_config, with_overrides
-from streamsed.model.loading import engine_from_model
-from streamsed.server import Daemon
-from streamsed.web_routes import export_rows
+from streamsed.daemon.config import load_config, with_overrides
+from streamsed.daemon.server import Daemon
+from streamsed.daemon.web_routes import export_rows
+from streamsed.engine.loading import engine_from_model
 from tests.browser import http_get
 from tests.speech import espeak, silence
 from tests.tiny_models import tiny_whisper

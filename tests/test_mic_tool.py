@@ -11,17 +11,17 @@ import shlex
 import shutil
 import signal
 import subprocess
-import threading
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from streamsed import mic_tool
-from streamsed.mic_tool import DIM, RESET, CaptionLog, TerminalUI, meter
+from streamsed.cli import mic as mic_tool
+from streamsed.cli.mic import DIM, RESET, CaptionLog, TerminalUI, meter
 from tests import virtual_mic
 from tests.speech import espeak, silence, words
 from tests.virtual_mic import VirtualMic
@@ -281,9 +281,9 @@ def test_a_second_ctrl_c_quits_at_once(vmic, tmp_path):
 
 
 async def tiny_daemon(decode_delay: float = 0.0):
-    from streamsed.config import load_config, with_overrides
-    from streamsed.model.loading import engine_from_model
-    from streamsed.server import Daemon
+    from streamsed.daemon.config import load_config, with_overrides
+    from streamsed.daemon.server import Daemon
+    from streamsed.engine.loading import engine_from_model
     from tests.tiny_models import tiny_whisper
 
     model, extractor, tokenizer = tiny_whisper()

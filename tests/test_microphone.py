@@ -17,11 +17,21 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from streamsed import microphone
-from streamsed.config import load_config, with_overrides
-from streamsed.microphone import (
-    Audio, InputDevice, Lost, Microphone, MicrophoneEdge, MicrophoneError, Opened, PortAudioMissing, Unavailable,
-    find_device, level_dbfs, mix_to_mono,
+from streamsed.daemon import microphone
+from streamsed.daemon.config import load_config, with_overrides
+from streamsed.daemon.microphone import (
+    Audio,
+    InputDevice,
+    Lost,
+    Microphone,
+    MicrophoneEdge,
+    MicrophoneError,
+    Opened,
+    PortAudioMissing,
+    Unavailable,
+    find_device,
+    level_dbfs,
+    mix_to_mono,
 )
 from tests import virtual_mic
 from tests.virtual_mic import VirtualMic
@@ -222,7 +232,7 @@ async def test_a_full_queue_drops_new_blocks_counts_and_logs_them(caplog):
                 if len(got) == 5:
                     mic.close()
 
-    with caplog.at_level(logging.WARNING, logger="streamsed.microphone"):
+    with caplog.at_level(logging.WARNING, logger="streamsed.daemon.microphone"):
         await asyncio.wait_for(slow_consumer(), 10)
     assert got == [0, 1, 2, 3, 4]  # the oldest are kept, in order
     assert mic.dropped_blocks == 25
@@ -234,7 +244,7 @@ async def test_a_lost_device_is_reopened_every_retry_s(caplog):
     backend = FakeBackend([MONO], [[pcm(1), pcm(2), 0.05, "fail"], FakePortAudioError("Device unavailable"),
                                    FakePortAudioError("Device unavailable"), [pcm(3)]])
     mic = Microphone(backend=backend, retry_s=0.1)
-    with caplog.at_level(logging.DEBUG, logger="streamsed.microphone"):
+    with caplog.at_level(logging.DEBUG, logger="streamsed.daemon.microphone"):
         started = time.monotonic()
         events = await collect(mic, lambda ev: ev[-1] == Audio(pcm(3)))
         elapsed = time.monotonic() - started
@@ -459,7 +469,7 @@ async def test_an_unplugged_device_is_reopened_when_it_comes_back(vmic, caplog):
         await asyncio.sleep(1.5)
         mic.close()
 
-    with caplog.at_level(logging.INFO, logger="streamsed.microphone"):
+    with caplog.at_level(logging.INFO, logger="streamsed.daemon.microphone"):
         task = asyncio.create_task(script())
         async with asyncio.timeout(30):
             async for event in mic.events(retry_initial=False):
@@ -482,7 +492,7 @@ async def test_an_unplugged_device_is_reopened_when_it_comes_back(vmic, caplog):
 # -- the daemon's microphone edge (tiny engine) ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine():
-    from streamsed.model.loading import engine_from_model
+    from streamsed.engine.loading import engine_from_model
     from tests.tiny_models import tiny_whisper
 
     model, extractor, tokenizer = tiny_whisper()
@@ -505,7 +515,7 @@ def mic_config(**microphone_settings):
 
 
 async def start_daemon(config, engine):
-    from streamsed.server import Daemon
+    from streamsed.daemon.server import Daemon
 
     daemon = Daemon(config, engine)
     edge = MicrophoneEdge(config)
@@ -586,7 +596,7 @@ async def test_daemon_keeps_serving_websockets_while_the_microphone_is_gone(vmic
         await until(lambda: "mic" in daemon.sessions)
         vmic.play(espeak("Hello everyone, this sentence keeps going on and on for quite a while now.", "en", 130))
         await asyncio.to_thread(vmic.wait_played, 60, 1.5)  # 1.5 s before its end: the utterance is open
-        with caplog.at_level(logging.INFO, logger="streamsed.microphone"):
+        with caplog.at_level(logging.INFO, logger="streamsed.daemon.microphone"):
             unplugged = time.monotonic()
             await asyncio.to_thread(vmic.unplug)
             # The open utterance is finalized when the device goes away.
@@ -629,7 +639,7 @@ async def test_daemon_keeps_serving_websockets_while_the_microphone_is_gone(vmic
 
 
 async def test_daemon_without_its_microphone_still_serves(vmic, engine, caplog):
-    with caplog.at_level(logging.ERROR, logger="streamsed.microphone"):
+    with caplog.at_level(logging.ERROR, logger="streamsed.daemon.microphone"):
         daemon, edge = await start_daemon(mic_config(device="Blue Yeti"), engine)
         try:
             await until(lambda: "Blue Yeti" in caplog.text)
@@ -644,7 +654,7 @@ async def test_daemon_without_its_microphone_still_serves(vmic, engine, caplog):
 
 async def test_daemon_with_portaudio_missing_logs_the_package(engine, monkeypatch, caplog):
     without_portaudio(monkeypatch)
-    with caplog.at_level(logging.ERROR, logger="streamsed.microphone"):
+    with caplog.at_level(logging.ERROR, logger="streamsed.daemon.microphone"):
         daemon, edge = await start_daemon(mic_config(), engine)
         try:
             await until(lambda: "libportaudio2" in caplog.text)
@@ -658,7 +668,7 @@ async def test_daemon_with_portaudio_missing_logs_the_package(engine, monkeypatc
 async def test_edge_stop_without_start_and_bad_languages(engine, caplog):
     config = mic_config(targets=["de"])  # Whisper translates into English only
     await MicrophoneEdge(config).stop()  # the daemon may stop an edge it never started
-    with caplog.at_level(logging.ERROR, logger="streamsed.microphone"):
+    with caplog.at_level(logging.ERROR, logger="streamsed.daemon.microphone"):
         daemon, edge = await start_daemon(config, engine)
         await daemon.stop()
     assert "microphone stays off" in caplog.text and edge.microphone.opens == 0

@@ -17,11 +17,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from streamsed.captions_hub import CaptionsHub
-from streamsed.config import ConfigError, MqttConfig, load_config, with_overrides
-from streamsed.model.loading import engine_from_model
-from streamsed.mqtt import HA_STATE_MAX, MqttEdge, ha_state, object_id
-from streamsed.server import Daemon
+from streamsed.daemon.captions_hub import CaptionsHub
+from streamsed.daemon.config import ConfigError, MqttConfig, load_config, with_overrides
+from streamsed.daemon.mqtt import HA_STATE_MAX, MqttEdge, ha_state, object_id
+from streamsed.daemon.server import Daemon
+from streamsed.engine.loading import engine_from_model
 from tests import mosquitto
 from tests.mosquitto import Mosquitto, PersistentRecorder, Recorder, mosquitto_sub, retained
 from tests.speech import espeak, silence
@@ -257,7 +257,7 @@ async def test_daemon_starts_with_the_broker_down_and_delivers_once_it_appears(e
     consumer = PersistentRecorder(broker.port, [f"{PREFIX}/#"], identifier="late-consumer")
     async with consumer:
         broker.stop()
-        caplog.set_level(logging.INFO, "streamsed.mqtt")
+        caplog.set_level(logging.INFO, "streamsed.daemon.mqtt")
         try:
             async with serving(engine, broker.port) as (daemon, edge):
                 events = await stream(daemon, speech, stream="porch", source_lang="en")  # websockets work
@@ -308,7 +308,7 @@ async def test_queue_bound_drops_the_oldest_and_counts_them(tmp_path, caplog):
 
 # -- logins and TLS ------------------------------------------------------------------------------------
 async def test_wrong_password_is_logged_clearly_and_retried(engine, broker, caplog):
-    caplog.set_level(logging.INFO, "streamsed.mqtt")
+    caplog.set_level(logging.INFO, "streamsed.daemon.mqtt")
     async with serving(engine, broker.auth_port, username="streamsed", password="wrong") as (daemon, edge):
         await eventually(lambda: edge.stats.connect_attempts >= 3, timeout=10)
         assert not edge.connected and edge.stats.connects == 0
@@ -360,7 +360,7 @@ async def test_tls_with_ca_and_client_certificate(engine, tmp_path, caplog):
                 await eventually(lambda: edge.connected, timeout=10)
                 await recorder.wait_for(lambda ms: [m.payload for m in ms] == ["online"])
             # A CA that did not sign the broker's certificate: verification fails, logged, retried.
-            caplog.set_level(logging.WARNING, "streamsed.mqtt")
+            caplog.set_level(logging.WARNING, "streamsed.daemon.mqtt")
             async with serving(engine, broker.tls_port, **{**tls, "tls_ca": str(folder / "client.crt")}) as (_, edge):
                 await eventually(lambda: edge.stats.connect_attempts >= 2, timeout=10)
                 assert not edge.connected

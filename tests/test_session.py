@@ -10,13 +10,13 @@ import time
 import numpy as np
 import pytest
 
-from streamsed.audio import AudioError, StreamResampler, pcm_to_float32
-from streamsed.model.families import Target, UnsupportedTarget
-from streamsed.model.loading import engine_from_model, load_engine
-from streamsed.session import DECODE_FAILED, SessionOptions, StreamSession
-from streamsed.translate import segment_audio
-from streamsed.vad import samples_to_seconds
-from streamsed.worker import EngineWorker
+from streamsed.core.audio import AudioError, StreamResampler, pcm_to_float32
+from streamsed.core.languages import Target, UnsupportedTarget
+from streamsed.core.segments import segment_audio
+from streamsed.core.vad import samples_to_seconds
+from streamsed.daemon.session import DECODE_FAILED, SessionOptions, StreamSession
+from streamsed.engine.loading import engine_from_model, load_engine
+from streamsed.engine.worker import EngineWorker
 from tests.speech import espeak, silence, words
 from tests.tiny_models import tiny_whisper
 
@@ -365,7 +365,7 @@ async def test_real_model_german_captions_and_english_translation(whisper_base, 
 
 async def test_feed_waits_when_finals_pile_up(tiny_engine):
     """With the model behind, feed() stops returning once MAX_FINALS_IN_FLIGHT finals are pending."""
-    from streamsed.session import MAX_FINALS_IN_FLIGHT
+    from streamsed.daemon.session import MAX_FINALS_IN_FLIGHT
 
     burst = np.concatenate([silence(0.3)] + [np.concatenate([espeak("Yes.", "en", 150), silence(0.9)])] * 8)
     worker = EngineWorker(tiny_engine, max_new_tokens=4)  # not started yet: no final can complete

@@ -2,7 +2,7 @@
 
 import pytest
 
-from streamsed.stabilize import LocalAgreement, join_text, split_units
+from streamsed.core.stabilize import LocalAgreement, join_text, split_units
 
 
 def run(hypotheses):

@@ -5,14 +5,8 @@ import pytest
 import soundfile as sf
 import soxr
 
-from streamsed.audio import MODEL_SAMPLE_RATE, StreamResampler
-from streamsed.vad import (
-    SpeechEnded,
-    SpeechStarted,
-    VadConfig,
-    VadSegmenter,
-    samples_to_seconds,
-)
+from streamsed.core.audio import MODEL_SAMPLE_RATE, StreamResampler
+from streamsed.core.vad import SpeechEnded, SpeechStarted, VadConfig, VadSegmenter, samples_to_seconds
 
 RATE = MODEL_SAMPLE_RATE
 DEFAULTS = VadConfig()

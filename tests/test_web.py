@@ -14,10 +14,10 @@ import soxr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from streamsed import web_routes
-from streamsed.config import ConfigError, load_config, with_overrides
-from streamsed.model.loading import engine_from_model
-from streamsed.server import Daemon
+from streamsed.daemon import web_routes
+from streamsed.daemon.config import ConfigError, load_config, with_overrides
+from streamsed.daemon.server import Daemon
+from streamsed.engine.loading import engine_from_model
 from tests.browser import PageErrors, WebSocketLog, artifact, chromium, http_get, requires_chromium
 from tests.speech import RATE, espeak, silence
 from tests.tiny_models import tiny_whisper
@@ -102,13 +102,13 @@ async def test_pages_and_assets_come_from_the_package_with_their_types(daemon):
         status, headers, body = await http_get(f"http://127.0.0.1:{daemon.port}{path}")
         assert status == 200, path
         assert headers["Content-Type"] == content_type and headers["X-Content-Type-Options"] == "nosniff"
-        assert body == (web_routes.resources.files("streamsed") / "web" / name).read_bytes()
+        assert body == (web_routes.resources.files("streamsed.daemon") / "web" / name).read_bytes()
         if content_type == web_routes.HTML:
             assert "default-src 'self'" in headers["Content-Security-Policy"]
     status, _, body = await http_get(f"http://127.0.0.1:{daemon.port}/captions/?stream=a&target_lang=en")
     assert status == 200 and b"viewer.js" in body
     for html in ("viewer.html", "speak.html"):  # no CDN: everything the pages load is ours
-        page = (web_routes.resources.files("streamsed") / "web" / html).read_text()
+        page = (web_routes.resources.files("streamsed.daemon") / "web" / html).read_text()
         assert "http://" not in page and "https://" not in page and "//cdn" not in page
 
 

@@ -6,8 +6,8 @@ The engine must give generate()'s tokens on real speech in several languages, si
 import pytest
 import torch
 
-from streamsed.model.engine import Target
-from streamsed.model.loading import load_engine
+from streamsed.engine.engine import Target
+from streamsed.engine.loading import load_engine
 from tests.speech import espeak, words
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from streamsed.model.families import Target, UnsupportedTarget
-from streamsed.model.loading import engine_from_model
-from streamsed.worker import EngineWorker
+from streamsed.core.languages import Target, UnsupportedTarget
+from streamsed.engine.loading import engine_from_model
+from streamsed.engine.worker import EngineWorker
 from tests.tiny_models import noise_audio, tiny_whisper
 
 SHORT = 8  # tokens per row where the test is about mechanics, not output length

@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from .audio import MODEL_SAMPLE_RATE, StreamResampler, pcm_to_float32
-from .model.families import Target
-from .stabilize import LocalAgreement
-from .translate import parse_language, resolve_targets, segmenter_for
-from .vad import SpeechEnded, SpeechStarted, VadConfig, VadEvent, samples_to_seconds
+from ..core.audio import MODEL_SAMPLE_RATE, StreamResampler, pcm_to_float32
+from ..core.languages import Target, parse_language, resolve_targets
+from ..core.segments import segmenter_for
+from ..core.stabilize import LocalAgreement
+from ..core.vad import SpeechEnded, SpeechStarted, VadConfig, VadEvent, samples_to_seconds
 
 if TYPE_CHECKING:  # sessions hand work to the worker as data; they never import torch themselves
-    from .worker import EngineWorker
+    from ..engine.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +47,6 @@ __all__ = ["SessionOptions", "StreamSession", "DECODE_FAILED"]
 DECODE_FAILED = "decode_failed"
 MAX_FINALS_IN_FLIGHT = 4  # per session: beyond this, feed() waits for the model (backpressure)
 """Error code emitted when the model fails on a segment's final (the stream goes on)."""
-
-
-class EngineInfo(Protocol):
-    """The pure-Python facts a session needs about the model (an ``Engine`` provides them)."""
-
-    max_window_s: float | None
-
-    def default_target(self) -> Target: ...
-
-    def check_target(self, target: Target) -> None: ...
 
 
 @dataclass

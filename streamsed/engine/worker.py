@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .model.engine import DecodeInterrupted, Engine, Hypothesis
-from .model.families import Target
+from ..core.languages import Target
+from .engine import DecodeInterrupted, Engine, Hypothesis
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,12 @@
-"""Caption files (SRT and WebVTT) from timed text segments (sans-I/O)."""
+"""Caption and result formats from timed text segments: SRT, WebVTT, JSON lines, plain text (sans-I/O)."""
 
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
 
@@ -78,3 +79,34 @@ def to_vtt(captions: Iterable[Caption]) -> str:
 def _text_lines(text: str) -> list[str]:
     """Non-blank, stripped lines of ``text``: a blank line would end the cue early in both formats."""
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+FORMATS = ("text", "jsonl", "srt", "vtt")
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """One decoded (segment, target): what ``streamsed translate`` prints per line of jsonl."""
+
+    segment: int
+    start: float  # seconds, millisecond precision
+    end: float
+    source_lang: str | None
+    target_lang: str | None
+    text: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+
+def format_results(results: list[SegmentResult], fmt: str) -> str:
+    if fmt == "jsonl":
+        return "".join(r.to_json() + "\n" for r in results)
+    if fmt == "text":
+        return "".join(r.text + "\n" for r in results)
+    captions = [Caption(r.segment, r.start, r.end, r.text) for r in results]
+    if fmt == "srt":
+        return to_srt(captions)
+    if fmt == "vtt":
+        return to_vtt(captions)
+    raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")

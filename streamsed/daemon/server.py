@@ -35,18 +35,18 @@ from typing import TYPE_CHECKING, Protocol
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from . import protocol, web_routes
-from .audio import AudioError
+from ..core import protocol
+from ..core.audio import AudioError
+from ..core.languages import UnsupportedTarget, resolve_targets
+from ..core.protocol import ProtocolError, close_reason, encode, error_event
+from . import web_routes
 from .captions_hub import CaptionsHub
 from .config import Config
-from .model.families import UnsupportedTarget
-from .protocol import ProtocolError, close_reason, encode, error_event
 from .session import SessionOptions, StreamSession
-from .translate import resolve_targets
 
 if TYPE_CHECKING:  # the daemon edge never touches torch itself: the worker and engine do
-    from .model.engine import Engine
-    from .worker import EngineWorker
+    from ..engine.engine import Engine
+    from ..engine.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Daemon:
         self._load_task = asyncio.create_task(self._load())
 
     def _load_configured_model(self) -> Engine:
-        from .model.loading import load_engine
+        from ..engine.loading import load_engine
 
         model = self.config.model
         return load_engine(model.name, device=model.device, dtype=model.dtype)
@@ -121,7 +121,7 @@ class Daemon:
                 self.engine = await asyncio.to_thread(self._loader)
             if self._stopping:  # shut down while loading: start nothing that stop() would miss
                 return
-            from .worker import EngineWorker
+            from ..engine.worker import EngineWorker
 
             self.worker = EngineWorker(self.engine, self.config.model.max_batch_utterances)
             self.worker.start()

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import webrtcvad
 
-from streamsed.audio import MODEL_SAMPLE_RATE, StreamResampler, pcm_to_float32
+from .audio import MODEL_SAMPLE_RATE, StreamResampler, pcm_to_float32
 
 # webrtcvad accepts 8/16/32/48 kHz; running it at the model's rate means VAD
 # offsets and model input share one sample clock.

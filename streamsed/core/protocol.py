@@ -16,8 +16,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from .audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
-from .model.families import UnsupportedTarget
-from .translate import parse_language
+from .languages import UnsupportedTarget, parse_language
 
 VERSION = 1
 STREAM_PATH = "/v1/stream"

@@ -31,9 +31,8 @@ from urllib.parse import unquote, urlsplit
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
-from .captions import Caption, to_srt, to_vtt
-from .model.families import UnsupportedTarget
-from .translate import parse_language
+from ..core.captions import Caption, to_srt, to_vtt
+from ..core.languages import UnsupportedTarget, parse_language
 
 HTML = "text/html; charset=utf-8"
 JAVASCRIPT = "text/javascript; charset=utf-8"
@@ -97,7 +96,7 @@ def text(status: int, message: str) -> Response:
 
 def route(daemon, request) -> Response | None:
     """The response for a page, asset or export path; None for any other path."""
-    from .protocol import split_path
+    from ..core.protocol import split_path
 
     path, query = split_path(request.path)
     if path in PAGES:
@@ -112,7 +111,7 @@ def route(daemon, request) -> Response | None:
 
 def page(path: str) -> Response:
     name, content_type = PAGES[path]
-    data = resources.files("streamsed").joinpath("web", name).read_bytes()
+    data = resources.files(__package__).joinpath("web", name).read_bytes()
     return response(HTTPStatus.OK, data, content_type, PAGE_SECURITY if content_type == HTML else None)
 
 

@@ -533,7 +533,7 @@ class MicrophoneEdge:
         self._claimed = False
 
     def _languages(self) -> tuple[str | None, list[str | None]]:
-        from .translate import parse_language
+        from ..core.languages import parse_language
 
         mic, streaming = self.config.microphone, self.config.streaming
         source = parse_language(mic.source_lang or streaming.source_lang or None, "source")
@@ -541,8 +541,7 @@ class MicrophoneEdge:
         return source, targets
 
     async def start(self, daemon) -> None:
-        from .model.families import UnsupportedTarget
-        from .translate import resolve_targets
+        from ..core.languages import UnsupportedTarget, resolve_targets
 
         self.daemon = daemon
         try:

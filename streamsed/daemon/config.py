@@ -8,15 +8,14 @@ same way: an unknown section or key, a value of the wrong type or an out-of-rang
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
-from .audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
-from .vad import VadConfig
+from ..core.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from ..core.vad import VadConfig
 
 ENV_PREFIX = "STREAMSED_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -210,7 +209,7 @@ def _type_name(kind: type) -> str:
 
 
 def _validate(config: Config) -> None:
-    from .protocol import ENCODINGS, ProtocolError, parse_languages
+    from ..core.protocol import ENCODINGS, ProtocolError, parse_languages
     from .web_routes import valid_origin_setting
 
     server, model, streaming = config.server, config.model, config.streaming
@@ -245,7 +244,7 @@ def _validate(config: Config) -> None:
 
 
 def _validate_microphone(mic: MicrophoneConfig) -> None:
-    from .protocol import _STREAM_ID, ProtocolError, parse_languages
+    from ..core.protocol import _STREAM_ID, ProtocolError, parse_languages
 
     checks = [
         (mic.sample_rate == 0 or MIN_SAMPLE_RATE <= mic.sample_rate <= MAX_SAMPLE_RATE,

@@ -17,28 +17,14 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # annotations only: Target and UnsupportedTarget stay importable without torch
+from ..core.languages import Target, UnsupportedTarget
+
+if TYPE_CHECKING:  # annotations only: this module stays importable without torch
     import torch
 
-
-class UnsupportedTarget(ValueError):
-    """A (source, target) language pair the loaded model cannot produce."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """What to produce from an utterance: ``target_lang`` text from ``source_lang`` speech.
-
-    ``None`` means "the model's default" (Whisper: detect/assume English and transcribe;
-    single-language models: their only output language).
-    """
-
-    source_lang: str | None = None
-    target_lang: str | None = None
+__all__ = ["Family", "Target", "UnsupportedTarget", "family_for", "language_tokens"]
 
 
 _LANGUAGE_TOKEN_PATTERNS = (

@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING
 
 import aiomqtt
 
-from . import __version__
+from .. import __version__
+from ..core.languages import UnsupportedTarget
+from ..core.protocol import ProtocolError, encode, parse_languages
 from .config import ConfigError, MqttConfig
-from .model.families import UnsupportedTarget
-from .protocol import ProtocolError, encode, parse_languages
 
 if TYPE_CHECKING:
     from .server import Daemon

@@ -32,7 +32,8 @@ from transformers import (
     SuppressTokensLogitsProcessor,
 )
 
-from .families import Family, Target, UnsupportedTarget, family_for
+from ..core.languages import Target, UnsupportedTarget
+from .families import Family, family_for
 
 __all__ = ["Engine", "EncodedBatch", "Hypothesis", "Target", "UnsupportedTarget", "DecodeStats", "DecodeInterrupted"]
 

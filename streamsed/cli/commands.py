@@ -11,13 +11,10 @@ import logging
 import os
 import sys
 
-from .translate import FORMATS
+from ..core.captions import FORMATS
+from ..core.errors import UserError
 
 log = logging.getLogger("streamsed")
-
-
-class UserError(Exception):
-    """An error the user can fix; printed as one line."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,14 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     mic = commands.add_parser(
         "mic", help="live captions of this computer's microphone in the terminal (--local or --server URL)"
     )
-    from .mic_tool import add_arguments as add_mic_arguments
+    from .mic import add_arguments as add_mic_arguments
 
     add_mic_arguments(mic)
     return parser
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .model.loading import DEFAULT_MODEL
+    from ..engine.loading import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model reference (default: {DEFAULT_MODEL})")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -74,9 +71,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_translate(args) -> int:
-    from .audio import load_audio_file
-    from .model.loading import load_engine
-    from .translate import format_results, parse_language, resolve_targets, segment_audio, translate_segments
+    from ..core.audio import load_audio_file
+    from ..core.captions import format_results
+    from ..core.languages import parse_language, resolve_targets
+    from ..core.segments import segment_audio
+    from ..engine.loading import load_engine
+    from ..engine.offline import translate_segments
 
     source = parse_language(args.source_lang, "source")
     targets = [parse_language(t, "target") for t in (args.target_lang or "").split(",") if t.strip()]
@@ -96,8 +96,8 @@ def run_translate(args) -> int:
 def run_serve(args) -> int:
     import asyncio
 
-    from .config import ConfigError, load_config
-    from .server import Daemon
+    from ..daemon.config import ConfigError, load_config
+    from ..daemon.server import Daemon
 
     overrides = {
         "server.host": args.host, "server.port": args.port, "model.name": args.model,
@@ -113,14 +113,14 @@ def run_serve(args) -> int:
     logging.getLogger("websockets").setLevel(level if level == "DEBUG" else "WARNING")
     daemon = Daemon(config)
     if config.mqtt.enabled:  # a sink: registered before source edges, so it is stopped after them
-        from .mqtt import MqttEdge
+        from ..daemon.mqtt import MqttEdge
 
         try:
             daemon.add_edge(MqttEdge(config.mqtt))
         except ConfigError as error:  # an unreadable password_file or TLS file
             raise UserError(str(error)) from None
     if config.microphone.enabled:  # a source: registered after the sinks, so its last finals reach them
-        from .microphone import MicrophoneEdge
+        from ..daemon.microphone import MicrophoneEdge
 
         daemon.add_edge(MicrophoneEdge(config))
     try:
@@ -132,13 +132,13 @@ def run_serve(args) -> int:
 
 
 def run_bench(args) -> int:
-    from .bench import run_decode_bench
+    from ..bench.decode import run_decode_bench
 
     return run_decode_bench(args)
 
 
 def run_devices(args) -> int:
-    from .microphone import MicrophoneError, format_devices, input_devices
+    from ..daemon.microphone import MicrophoneError, format_devices, input_devices
 
     try:
         sys.stdout.write(format_devices(input_devices()))
@@ -148,7 +148,7 @@ def run_devices(args) -> int:
 
 
 def run_mic(args) -> int:
-    from .mic_tool import run
+    from .mic import run
 
     return run(args)
 
@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()  # transformers' advice-level warnings are not for end users
         hf_logging.disable_progress_bar()  # weight-loading bars on every start; ours shows the one-time conversion
-    from .audio import AudioError
-    from .model.families import UnsupportedTarget
-    from .model.loading import ModelUnavailable
+    from ..core.audio import AudioError
+    from ..core.languages import UnsupportedTarget
+    from ..engine.loading import ModelUnavailable
 
     try:
         commands = {"translate": run_translate, "bench": run_bench, "serve": run_serve, "devices": run_devices,

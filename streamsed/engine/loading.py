@@ -93,8 +93,8 @@ def _load_parts(source: str, local_only: bool):
         AutoConfig,
         AutoFeatureExtractor,
         AutoTokenizer,
-        SpeechEncoderDecoderModel,
         Speech2TextForConditionalGeneration,
+        SpeechEncoderDecoderModel,
         WhisperForConditionalGeneration,
     )
 

@@ -70,7 +70,7 @@ def synthesize_speech(sentences=SENTENCES, voice: str = "en-us", silence_s: floa
     import soundfile as sf
     import soxr
 
-    from .audio import MODEL_SAMPLE_RATE
+    from ..core.audio import MODEL_SAMPLE_RATE
 
     if shutil.which("espeak-ng") is None:
         raise RuntimeError("espeak-ng is not installed: install it or pass --audio FILE")
@@ -90,7 +90,7 @@ def ct2_model_dir(reference: str) -> Path | None:
     The default model ships as two halves of model.bin in two packages: they are joined once into
     ``cache_dir()/ct2/whisper-base-<fingerprint>``. A CTranslate2 directory is used as it is.
     """
-    from .model.loading import DEFAULT_MODEL, is_ct2_dir
+    from ..engine.loading import DEFAULT_MODEL, is_ct2_dir
 
     if reference == DEFAULT_MODEL:
         return materialize_default_ct2()
@@ -100,7 +100,7 @@ def ct2_model_dir(reference: str) -> Path | None:
 
 def materialize_default_ct2() -> Path:
     """Join the default model's model.bin halves (plus its json/vocabulary) into the cache, once."""
-    from .model.default_model import DEFAULT_MODEL, cache_dir, ct2_default_sources, fingerprint
+    from ..engine.default_model import DEFAULT_MODEL, cache_dir, ct2_default_sources, fingerprint
 
     source = ct2_default_sources()
     root = cache_dir() / "ct2"
@@ -422,10 +422,10 @@ def report(info, audio_info, repeat, contenders: dict[str, Contender]) -> str:
 # -- entry point ----------------------------------------------------------------------------------
 def run_decode_bench(args) -> int:
     """``streamsed bench decode``: print a markdown table, optionally write JSON; exit status."""
-    from .cli import UserError
-    from .model.engine import Target
-    from .model.loading import load_engine
-    from .translate import segment_audio
+    from ..core.errors import UserError
+    from ..core.segments import segment_audio
+    from ..engine.engine import Target
+    from ..engine.loading import load_engine
 
     if args.repeat < 1:
         raise UserError("--repeat must be at least 1")
@@ -462,8 +462,8 @@ def run_decode_bench(args) -> int:
 
 def load_bench_audio(path: str | None) -> tuple[np.ndarray, str]:
     """(16 kHz samples, description): the given file, else synthesized English speech."""
-    from .audio import load_audio_file
-    from .cli import UserError
+    from ..core.audio import load_audio_file
+    from ..core.errors import UserError
 
     if path:
         return load_audio_file(path)[0], path

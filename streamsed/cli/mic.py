@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
 
-from .microphone import Audio, Lost, Microphone, MicrophoneError, Opened, Unavailable, find_device
-from .translate import SegmentResult, format_results, parse_language
+from ..core.captions import SegmentResult, format_results
+from ..core.languages import parse_language
+from ..daemon.microphone import Audio, Lost, Microphone, MicrophoneError, Opened, Unavailable, find_device
 
 log = logging.getLogger(__name__)
 
@@ -305,9 +306,9 @@ class LocalBackend:
         return f"{self.engine.name} on {self.engine.device} (in this process)"
 
     async def prepare(self) -> None:
-        from .model.loading import load_engine
-        from .translate import resolve_targets
-        from .worker import EngineWorker
+        from ..core.languages import resolve_targets
+        from ..engine.loading import load_engine
+        from ..engine.worker import EngineWorker
 
         model = self.settings.model
         self.engine = await asyncio.to_thread(load_engine, model.name, model.device, model.dtype)
@@ -316,7 +317,7 @@ class LocalBackend:
         self.worker.start()
 
     async def open(self, opened: Opened) -> None:
-        from .session import SessionOptions, StreamSession
+        from ..daemon.session import SessionOptions, StreamSession
 
         options = SessionOptions(stream=self.settings.stream or "mic", sample_rate=opened.sample_rate,
                                  encoding="pcm_s16le", source_lang=self.settings.source_lang,
@@ -444,7 +445,7 @@ class ToolSettings:
 
 def settings_from(args) -> ToolSettings:
     """Flags over --config over defaults; raises UserError-worthy ValueErrors with the flag named."""
-    from .config import load_config, with_overrides
+    from ..daemon.config import load_config, with_overrides
 
     config = load_config(args.config)
     model = with_overrides(config, model={k: v for k, v in (("name", args.model), ("device", args.device),
@@ -574,9 +575,9 @@ class MicTool:
 
 def run(args) -> int:
     """``streamsed mic``: returns the exit status; user errors raise cli.UserError."""
-    from .cli import UserError
-    from .config import ConfigError
-    from .model.families import UnsupportedTarget
+    from ..core.errors import UserError
+    from ..core.languages import UnsupportedTarget
+    from ..daemon.config import ConfigError
 
     try:
         settings = settings_from(args)

@@ -24,10 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict, deque
-
 from collections.abc import Callable
 
-from .protocol import CAPTION_EVENTS
+from ..core.protocol import CAPTION_EVENTS
 
 log = logging.getLogger(__name__)
 
