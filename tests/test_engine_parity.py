@@ -73,7 +73,52 @@ def assert_parity(model, engine, audios, target, prompt_length, **generate_kwarg
         (single,) = engine.transcribe([audio], [target], max_new_tokens=MAX_NEW)
         assert single[0].tokens == reference(model, engine, [audio], prompt_length, **generate_kwargs)[0]
     assert any(len(t) < MAX_NEW for t in expected), "EOS never reached: pruning untested"
+    assert_draft_parity(engine, audios, target, expected)
     return expected
+
+
+def draft_variants(expected: list[int], vocab: int, eos: int, seed: int) -> dict[str, list[int]]:
+    """Drafts a session could offer for a row whose greedy output is ``expected``."""
+    rng = torch.Generator().manual_seed(seed)
+    garbage = torch.randint(0, vocab, (MAX_NEW + 8,), generator=rng).tolist()
+    half = len(expected) // 2
+    wrong = (expected[half] + 1) % vocab if expected else 3
+    return {
+        "correct": list(expected),
+        "partly wrong": expected[:half] + [wrong] + expected[half + 1:],
+        "garbage": garbage[:10],
+        "empty": [],
+        "over-long": expected + garbage,  # longer than the length limit
+        "eos inside": expected[:2] + [eos] + expected[2:],
+        "prefix": expected[: max(len(expected) - 3, 0)],  # what an earlier, shorter partial says
+    }
+
+
+def assert_draft_parity(engine, audios, target, expected):
+    """Tokens are generate()'s with any draft; a correct one is verified in a single forward."""
+    vocab = engine.family.logits.__self__.model.config.get_text_config().vocab_size
+    eos = engine.family.eos_token_ids[0]
+    encoded = engine.encode(audios)
+    rows = [(u, target) for u in range(len(audios))]
+    per_row = [draft_variants(e, vocab, eos, seed) for seed, e in enumerate(expected)]
+    for name in per_row[0]:
+        hyps = engine.decode(encoded, rows, MAX_NEW, drafts=[v[name] for v in per_row])
+        assert [h.tokens for h in hyps] == expected, name
+        stats = engine.last_stats
+        budget = engine._length_budget(engine.family.prompt(hyps[0].target), MAX_NEW)[1]
+        assert stats.draft_offered == sum(min(len(v[name]), budget) for v in per_row), name
+        if name == "correct":
+            assert stats.steps == 1 and all(h.draft_accepted == len(e) for h, e in zip(hyps, expected))
+        if name == "prefix":
+            assert all(h.draft_accepted == len(v["prefix"]) for h, v in zip(hyps, per_row))
+            # One verify forward, then three steps: in one ragged lockstep where the family supports
+            # it (Whisper), else per group of rows that accepted equally many tokens.
+            groups = 1 if engine.family.positions_and_mask else len(rows)
+            assert stats.steps <= 1 + 3 * groups
+    # Rows of one batch may each bring another kind of draft.
+    names = list(per_row[0])
+    mixed = [v[names[i % len(names)]] for i, v in enumerate(per_row)]
+    assert [h.tokens for h in engine.decode(encoded, rows, MAX_NEW, drafts=mixed)] == expected
 
 
 def test_wav2vec2_bert_matches_generate():
@@ -210,3 +255,91 @@ def test_length_limit_comes_from_the_generation_config_like_generate():
     assert max(len(t) for t in expected) == 20
     model.generation_config.max_length = 9  # counts the start token
     assert [len(h[0].tokens) for h in engine.transcribe(audios, [Target()])] == [8, 8]
+
+
+def test_whisper_fast_window_is_the_stock_encoder_on_a_shorter_window():
+    model, fe, tokenizer = tm.tiny_whisper()
+    engine = engine_from_model(model, fe, tokenizer, device="cpu")
+    features = engine.feature_inputs([tm.noise_audio(1.0, 90)])["input_features"]
+    with torch.inference_mode():
+        stock = model.get_encoder()(features).last_hidden_state
+        full = engine.family.encode_window(features)
+        torch.testing.assert_close(full, stock, rtol=0, atol=1e-5)
+        assert engine.window_frames(16000) == 600  # 1 s + 5 s margin, whole seconds, 100 frames/s
+        assert engine.window_frames(16000 * 29) == 3000  # capped at the 30 s window
+        short = engine.encode([tm.noise_audio(1.0, 90)], "fast")
+    assert short.window == "fast" and short.frames == [300] and short.states.shape[1] == 300
+
+
+def test_fast_window_output_does_not_depend_on_the_batch():
+    """Offline == streaming: an utterance decodes the same alone or batched with longer ones."""
+    model, fe, tokenizer = tm.tiny_whisper()
+    engine = engine_from_model(model, fe, tokenizer, device="cpu")
+    audios = [tm.noise_audio(s, 91 + i) for i, s in enumerate([0.5, 3.2, 7.5, 0.9])]
+    batched = engine.transcribe(audios, [Target("de", "de")], MAX_NEW, window="fast")
+    assert {h[0].window for h in batched} == {"fast"}
+    for audio, hyps in zip(audios, batched):
+        assert engine.transcribe([audio], [Target("de", "de")], MAX_NEW, window="fast")[0][0].tokens == hyps[0].tokens
+    assert len(engine.encode(audios, "fast").frames) == 4 and len(set(engine.encode(audios, "fast").frames)) == 3
+    # A draft changes nothing on the fast window either.
+    encoded = engine.encode(audios, "fast")
+    rows = [(u, Target("de", "de")) for u in range(len(audios))]
+    drafted = engine.decode(encoded, rows, MAX_NEW, drafts=[h[0].tokens[:-1] for h in batched])
+    assert [h.tokens for h in drafted] == [h[0].tokens for h in batched]
+
+
+def test_window_settings_resolve_per_model_and_device():
+    model, fe, tokenizer = tm.tiny_whisper()
+    whisper = engine_from_model(model, fe, tokenizer, device="cpu")
+    assert [whisper.resolve_window(w) for w in ("exact", "fast", "auto")] == ["exact", "fast", "fast"]
+    whisper.device = torch.device("cuda")  # only the policy is asked: nothing runs on it
+    assert whisper.resolve_window("auto") == "exact"
+    w2v = tm.speech_encoder_decoder(tm.wav2vec2_config(), tm.bert_decoder_config())
+    unpadded = engine_from_model(w2v, tm.wav2vec2_feature_extractor(), tm.word_tokenizer(), device="cpu")
+    assert unpadded.resolve_window("fast") == "exact"  # nothing is padded: fast = exact
+    audio = [tm.noise_audio(0.8, 95)]
+    assert unpadded.transcribe(audio, [Target()], MAX_NEW, window="fast")[0][0].tokens == \
+        unpadded.transcribe(audio, [Target()], MAX_NEW)[0][0].tokens
+    with pytest.raises(ValueError, match="window must be one of"):
+        whisper.resolve_window("quick")
+
+
+def test_a_broken_fast_window_result_falls_back_to_the_exact_window(monkeypatch):
+    from streamsed.engine import engine as engine_module
+
+    model, fe, tokenizer = tm.tiny_whisper()
+    engine = engine_from_model(model, fe, tokenizer, device="cpu")
+    audios = [tm.noise_audio(1.0, 96), tm.noise_audio(2.0, 97)]
+    exact = [h[0].tokens for h in engine.transcribe(audios, [Target("de", "de")], MAX_NEW, window="exact")]
+    # Non-finite encoder output on the fast window: that utterance is redone on the exact one.
+    real = engine.family.encode_window
+    monkeypatch.setattr(engine.family, "encode_window", lambda f: real(f) * float("nan") if f.shape[0] == 1 and
+                        f.shape[-1] == 600 else real(f))
+    hyps = engine.transcribe(audios, [Target("de", "de")], MAX_NEW, window="fast")
+    assert hyps[0][0].window == "exact" and hyps[0][0].tokens == exact[0]
+    assert hyps[1][0].window == "fast"
+    monkeypatch.setattr(engine.family, "encode_window", real)
+    # A repetition loop (here: every text, with the threshold at zero) is redone too.
+    monkeypatch.setattr(engine_module, "LOOP_COMPRESSION_RATIO", -1.0)
+    hyps = engine.transcribe(audios, [Target("de", "de")], MAX_NEW, window="fast")
+    assert [h[0].window for h in hyps] == ["exact", "exact"] and [h[0].tokens for h in hyps] == exact
+
+
+def test_int8_quantizes_the_linear_layers_on_cpu_only():
+    import unittest.mock
+
+    from streamsed.engine.loading import ModelUnavailable, resolve_device
+
+    model, fe, tokenizer = tm.tiny_whisper()
+    engine = engine_from_model(model, fe, tokenizer, device="cpu", dtype="int8")
+    assert engine.quantized == "int8" and engine.dtype == torch.float32
+    from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
+
+    modules = list(engine.model.modules())
+    assert any(isinstance(m, QuantizedLinear) for m in modules)
+    assert not any(type(m) is torch.nn.Linear for m in modules)  # every float Linear was replaced
+    (hyp,) = engine.transcribe([tm.noise_audio(1.0, 98)], [Target("de", "de")], MAX_NEW)[0]
+    assert hyp.tokens  # it decodes (its output may differ from float32: quantization is lossy)
+    with unittest.mock.patch("torch.cuda.is_available", return_value=True):  # as if a GPU were there
+        with pytest.raises(ModelUnavailable, match="CPU only"):
+            resolve_device("cuda", "int8")

@@ -79,3 +79,38 @@ def test_language_detection_matches_generate(engine, clips):
     hyps = [h[0] for h in engine.transcribe(audios, [Target()])]
     assert [h.target.source_lang for h in hyps] == langs
     assert [h.tokens for h in hyps] == generate_tokens(engine, audios, None, "transcribe")
+
+
+def test_drafts_of_every_kind_give_generate_tokens(engine, clips):
+    """Correct, partly wrong, garbage, empty, over-long and partial-style drafts, batched."""
+    from tests.test_engine_parity import draft_variants
+
+    langs = sorted(PHRASES)
+    audios = [clips[lang] for lang in langs]
+    expected = [generate_tokens(engine, [a], lang, "transcribe")[0] for a, lang in zip(audios, langs)]
+    encoded = engine.encode(audios)
+    rows = [(i, Target(lang, lang)) for i, lang in enumerate(langs)]
+    eos = engine.family.eos_token_ids[0]
+    variants = [draft_variants(e, engine.model.config.vocab_size, eos, seed) for seed, e in enumerate(expected)]
+    for name in variants[0]:
+        hyps = engine.decode(encoded, rows, drafts=[v[name] for v in variants])
+        assert [h.tokens for h in hyps] == expected, name
+        if name == "correct":  # verified in one forward instead of one per token
+            assert engine.last_stats.steps == 1
+    # What a session really offers: the partial of the audio without its last 0.5 s, on the fast window.
+    heads = [a[: len(a) - 8000] for a in audios]
+    partials = engine.decode(engine.encode(heads, "fast"), rows)
+    hyps = engine.decode(encoded, rows, drafts=[p.tokens for p in partials])
+    assert [h.tokens for h in hyps] == expected
+    assert engine.last_stats.draft_accepted > 0
+
+
+def test_fast_window_final_equals_offline_translate_on_the_same_setting(engine, clips):
+    """Offline == streaming on the fast window: the same segment alone or in a batch of others."""
+    langs = sorted(PHRASES)
+    audios = [clips[lang] for lang in langs]
+    batched = engine.transcribe(audios, [Target("en", "en")], window="fast")
+    for audio, hyps in zip(audios, batched):
+        assert engine.transcribe([audio], [Target("en", "en")], window="fast")[0][0].tokens == hyps[0].tokens
+    (english,) = batched[langs.index("en")]
+    assert english.window == "fast" and words(english.text) == words(PHRASES["en"][0])

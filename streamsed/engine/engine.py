@@ -13,7 +13,9 @@ same encoder input; ``tests/test_engine_parity.py`` holds the engine to that.
 
 from __future__ import annotations
 
+import math
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,10 +37,16 @@ from transformers import (
 from ..core.languages import Target, UnsupportedTarget
 from .families import Family, family_for
 
-__all__ = ["Engine", "EncodedBatch", "Hypothesis", "Target", "UnsupportedTarget", "DecodeStats", "DecodeInterrupted"]
+__all__ = ["Engine", "EncodedBatch", "Hypothesis", "Target", "UnsupportedTarget", "DecodeStats", "DecodeInterrupted",
+           "WINDOWS", "run_rows", "compression_ratio"]
 
 
 GENERATE_DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_length nor max_new_tokens is set
+WINDOWS = ("exact", "fast", "auto")
+DEFAULT_WINDOW_MARGIN_S = 5.0
+# A fast-window result whose text compresses better than this is a repetition loop (openai-whisper's
+# compression_ratio_threshold); the request is then decoded again on the exact window.
+LOOP_COMPRESSION_RATIO = 2.4
 
 
 class DecodeInterrupted(Exception):
@@ -47,11 +55,22 @@ class DecodeInterrupted(Exception):
 
 @dataclass
 class EncodedBatch:
-    """Encoder output for a batch of utterances, already prepared for cross-attention."""
+    """Encoder output for a batch of utterances, already prepared for cross-attention.
+
+    ``states`` is padded to the longest window of the batch; ``frames[u]`` says how many of its
+    frames belong to utterance ``u`` (a fast window is cut to each utterance's own length, so its
+    output never depends on what else is in the batch).
+    """
 
     states: torch.Tensor  # [batch, frames, hidden]
     mask: torch.Tensor | None  # [batch, frames] or None when nothing is padded
     durations: list[float]  # seconds of audio per utterance
+    window: str = "exact"  # "exact" (the model's own input) or "fast" (trimmed window)
+    frames: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.frames:
+            self.frames = [self.states.shape[1]] * self.states.shape[0]
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -62,6 +81,23 @@ class Hypothesis:
     tokens: list[int]  # generated tokens, without prompt and EOS
     text: str
     target: Target
+    window: str = "exact"
+    finished: bool = True  # False when the length limit, not EOS, ended it
+    draft_offered: int = 0  # draft tokens given for this row
+    draft_accepted: int = 0  # of those, how many the model's own greedy choice confirmed
+    queued_ms: int = 0  # set by the worker: wait before its batch started
+    compute_ms: int = 0  # set by the worker: run time of its batch
+
+    @property
+    def looks_broken(self) -> bool:
+        """A repetition loop: text that gzip compresses more than ``LOOP_COMPRESSION_RATIO``."""
+        return compression_ratio(self.text) > LOOP_COMPRESSION_RATIO
+
+
+def compression_ratio(text: str) -> float:
+    """len(text) / len(gzip(text)), as openai-whisper computes it (0 for empty text)."""
+    data = text.encode()
+    return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
 @dataclass
@@ -73,12 +109,15 @@ class DecodeStats:
     tokens: int = 0  # tokens generated over all rows
     seconds: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)  # active rows at each step
+    draft_offered: int = 0  # draft tokens given, over all rows
+    draft_accepted: int = 0  # draft tokens the greedy choice confirmed
 
 
 class Engine:
     """Owns one model on one device. Not thread-safe: one worker thread drives it."""
 
-    def __init__(self, model, feature_extractor, tokenizer, *, name: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model, feature_extractor, tokenizer, *, name: str, device: torch.device, dtype: torch.dtype,
+                 window_margin_s: float = DEFAULT_WINDOW_MARGIN_S):
         self.model = model.eval()
         self.feature_extractor = feature_extractor
         self.tokenizer = tokenizer
@@ -86,6 +125,8 @@ class Engine:
         self.name = name
         self.device = device
         self.dtype = dtype
+        self.window_margin_s = window_margin_s
+        self.quantized: str | None = None  # "int8" when the Linear layers are dynamically quantized
         self.sample_rate = int(getattr(feature_extractor, "sampling_rate", 16000))
         self.last_stats = DecodeStats()
         self._input_name = feature_extractor.model_input_names[0]
@@ -108,14 +149,42 @@ class Engine:
         """Raise UnsupportedTarget with a clear message if the model cannot produce ``target``."""
         self.family.check_target(target)
 
+    def resolve_window(self, window: str) -> str:
+        """The window a setting means here: ``auto`` is fast on CPU and exact on CUDA; models whose
+        inputs are not padded to a fixed window (wav2vec2, HuBERT) only have the exact one."""
+        if window not in WINDOWS:
+            raise ValueError(f"window must be one of {', '.join(WINDOWS)}, not {window!r}")
+        if self.family.fixed_window_s is None:
+            return "exact"
+        if window == "auto":
+            return "exact" if self.device.type == "cuda" else "fast"
+        return window
+
+    def window_frames(self, samples: int) -> int:
+        """Log-mel frames of the fast window: the audio plus the margin, rounded up to a whole
+        second (so that utterances of similar length share one encoder call), capped at 30 s."""
+        hop = int(getattr(self.feature_extractor, "hop_length", 160))
+        per_second = self.sample_rate // hop
+        total = int(self.family.fixed_window_s * per_second)
+        seconds = math.ceil(samples / self.sample_rate + self.window_margin_s)
+        return min(total, max(seconds, 1) * per_second)
+
     # -- encoder ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, audios: list[np.ndarray]) -> EncodedBatch:
-        """Run the encoder once over float32 mono utterances at ``self.sample_rate``."""
+    def encode(self, audios: list[np.ndarray], window: str = "exact") -> EncodedBatch:
+        """Run the encoder once over float32 mono utterances at ``self.sample_rate``.
+
+        ``window="exact"`` gives the encoder exactly what ``generate()`` gives it; ``"fast"`` (Whisper)
+        cuts the 30 s log-mel window to each utterance plus ``window_margin_s``.
+        """
         if not audios:
             raise ValueError("encode() needs at least one utterance")
+        window = self.resolve_window(window)
         inputs = self.feature_inputs(audios)
         features = inputs[self._input_name].to(self.device, self.dtype)
+        durations = [len(a) / self.sample_rate for a in audios]
+        if window == "fast":
+            return self._encode_fast(features, [len(a) for a in audios], durations)
         feature_mask = inputs.get("attention_mask")
         if feature_mask is not None:
             feature_mask = feature_mask.to(self.device)
@@ -123,7 +192,23 @@ class Engine:
         kwargs = {"attention_mask": feature_mask} if feature_mask is not None else {}
         hidden = encoder(features, **kwargs).last_hidden_state
         states, mask = self.family.prepare_encoder_states(hidden, feature_mask)
-        return EncodedBatch(states, mask, [len(a) / self.sample_rate for a in audios])
+        return EncodedBatch(states, mask, durations)
+
+    def _encode_fast(self, features: torch.Tensor, lengths: list[int], durations: list[float]) -> EncodedBatch:
+        """One encoder call per distinct window length; each utterance's output is its own."""
+        mel_frames = [min(self.window_frames(n), features.shape[-1]) for n in lengths]
+        outputs: list[torch.Tensor | None] = [None] * len(lengths)
+        for frames in sorted(set(mel_frames)):
+            members = [u for u, f in enumerate(mel_frames) if f == frames]
+            index = torch.tensor(members, device=features.device)
+            hidden = self.family.encode_window(features.index_select(0, index)[..., :frames])
+            for u, states in zip(members, hidden):
+                outputs[u] = states
+        longest = max(o.shape[0] for o in outputs)
+        states = torch.zeros(len(outputs), longest, outputs[0].shape[-1], dtype=outputs[0].dtype, device=features.device)
+        for u, output in enumerate(outputs):
+            states[u, : output.shape[0]] = output
+        return EncodedBatch(states, None, durations, "fast", [o.shape[0] for o in outputs])
 
     def feature_inputs(self, audios: list[np.ndarray]):
         """Feature-extractor output exactly as a user would pass it to ``model.generate``."""
@@ -140,54 +225,69 @@ class Engine:
         rows: list[tuple[int, Target]],
         max_new_tokens: int | None = None,
         should_stop: Callable[[], bool] | None = None,
+        drafts: list[list[int] | None] | None = None,
     ) -> list[Hypothesis]:
         """Greedy-decode each (utterance index, target) row; results come back in row order.
+
+        ``drafts[i]`` (optional) is a guess at row ``i``'s tokens, e.g. the previous partial's. It is
+        verified in one batched forward and only the prefix that greedy decoding itself would produce
+        is kept, so the tokens are the same with any draft, right, wrong or empty; a good draft only
+        saves decoder steps.
 
         ``should_stop`` is polled before every decoder step; when it returns True the decode raises
         DecodeInterrupted (the worker uses it to drop disposable partials when a final is waiting).
         """
         for _, target in rows:  # validate every target before any model work
             self.family.check_target(target)
+        if drafts is not None and len(drafts) != len(rows):
+            raise ValueError(f"{len(drafts)} drafts for {len(rows)} rows")
         stats = DecodeStats(rows=len(rows))
         started = time.perf_counter()
         rows = self._with_detected_languages(encoded, rows, stats)
         prompts = [self.family.prompt(target) for _, target in rows]
-        tokens: list[list[int]] = [[] for _ in rows]
-        by_prompt_length: dict[int, list[int]] = {}
-        for i, prompt in enumerate(prompts):
-            by_prompt_length.setdefault(len(prompt), []).append(i)
-        for row_ids in by_prompt_length.values():  # lockstep needs equal lengths; one group in practice
+        results: list[_Row] = [_Row() for _ in rows]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (utterance, _) in enumerate(rows):  # lockstep needs equal prompt and window lengths
+            groups.setdefault((len(prompts[i]), encoded.frames[utterance]), []).append(i)
+        for (_, frames), row_ids in groups.items():
             utterances = torch.tensor([rows[i][0] for i in row_ids], device=self.device)
             mask = encoded.mask.index_select(0, utterances) if encoded.mask is not None else None
-            generated = self._greedy(
-                encoded.states.index_select(0, utterances), mask, [prompts[i] for i in row_ids],
-                max_new_tokens, stats, should_stop,
+            group_drafts = [list((drafts or [None] * len(rows))[i] or []) for i in row_ids]
+            decoded = self._greedy(
+                encoded.states.index_select(0, utterances)[:, :frames], mask, [prompts[i] for i in row_ids],
+                max_new_tokens, stats, should_stop, group_drafts,
             )
-            for i, seq in zip(row_ids, generated):
-                tokens[i] = seq
-        stats.tokens = sum(len(t) for t in tokens)
+            for i, row in zip(row_ids, decoded):
+                results[i] = row
+        stats.tokens = sum(len(r.tokens) for r in results)
         stats.seconds = time.perf_counter() - started
         self.last_stats = stats
         return [
-            Hypothesis(seq, self.tokenizer.decode(seq, skip_special_tokens=True).strip(), target)
-            for seq, (_, target) in zip(tokens, rows)  # targets with the detected source language
+            Hypothesis(r.tokens, self.tokenizer.decode(r.tokens, skip_special_tokens=True).strip(), target,
+                       encoded.window, r.finished, r.draft_offered, r.draft_accepted)
+            for r, (_, target) in zip(results, rows)  # targets with the detected source language
         ]
 
     def detect_languages(self, encoded: EncodedBatch, utterances: list[int], stats: DecodeStats | None = None) -> list[str]:
         """Whisper's language identification: one decoder step on <|startoftranscript|>, argmax over
         the language tokens (what ``generate(language=None)`` does)."""
-        index = torch.tensor(utterances, device=self.device)
-        states = encoded.states.index_select(0, index)
-        mask = encoded.mask.index_select(0, index) if encoded.mask is not None else None
-        prompt = torch.tensor([self.family.detection_prompt()] * len(utterances), device=self.device)
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        logits = self.family.step(prompt, states, mask, cache).float()
-        if stats is not None:
-            stats.steps += 1
-            stats.batch_sizes.append(len(utterances))
         codes = list(self.family.languages)
         ids = torch.tensor([self.family.languages[c] for c in codes], device=self.device)
-        return [codes[i] for i in logits.index_select(1, ids).argmax(dim=-1).tolist()]
+        detected: dict[int, str] = {}
+        for frames in sorted({encoded.frames[u] for u in utterances}):
+            members = [u for u in utterances if encoded.frames[u] == frames]
+            index = torch.tensor(members, device=self.device)
+            states = encoded.states.index_select(0, index)[:, :frames]
+            mask = encoded.mask.index_select(0, index) if encoded.mask is not None else None
+            prompt = torch.tensor([self.family.detection_prompt()] * len(members), device=self.device)
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            logits = self.family.step(prompt, states, mask, cache).float()
+            if stats is not None:
+                stats.steps += 1
+                stats.batch_sizes.append(len(members))
+            for u, best in zip(members, logits.index_select(1, ids).argmax(dim=-1).tolist()):
+                detected[u] = codes[best]
+        return [detected[u] for u in utterances]
 
     def _with_detected_languages(self, encoded, rows, stats):
         """Rows whose source language is left to the model get it filled in by detection."""
@@ -198,17 +298,18 @@ class Engine:
         family = self.family
         return [(u, family.with_detected_source(t, detected[u]) if family.needs_detection(t) else t) for u, t in rows]
 
-    def transcribe(self, audios: list[np.ndarray], targets: list[Target], max_new_tokens: int | None = None):
+    def transcribe(self, audios: list[np.ndarray], targets: list[Target], max_new_tokens: int | None = None,
+                   window: str = "exact"):
         """Encode ``audios`` once and decode every target of each; returns [utterance][target]."""
-        encoded = self.encode(audios)
         rows = [(u, t) for u in range(len(audios)) for t in targets]
-        hyps = self.decode(encoded, rows, max_new_tokens)
+        hyps = run_rows(self, audios, rows, window=window, max_new_tokens=max_new_tokens)
         return [hyps[u * len(targets) : (u + 1) * len(targets)] for u in range(len(audios))]
 
-    def _greedy(self, states, mask, prompts, max_new_tokens, stats, should_stop=None) -> list[list[int]]:
-        prompt_length = len(prompts[0])
+    def _length_budget(self, prompt: list[int], max_new_tokens: int | None) -> tuple[int, int]:
+        """(max_length, new tokens allowed) exactly as generate() computes them for this prompt."""
+        prompt_length = len(prompt)
         # generate() counts its decoder input (our prompt minus the forced tokens) in max_length.
-        input_length = prompt_length - self.family.forced_prompt_tokens(prompts[0])
+        input_length = prompt_length - self.family.forced_prompt_tokens(prompt)
         config = self.family.generation_config
         max_new_tokens = max_new_tokens if max_new_tokens is not None else config.max_new_tokens
         if max_new_tokens is not None:
@@ -218,39 +319,97 @@ class Engine:
         else:  # generate()'s default when a config sets no length: 20 new tokens
             max_length = input_length + GENERATE_DEFAULT_NEW_TOKENS
         max_length = min(max_length, self.family.max_target_positions)
-        max_new = max(max_length - prompt_length, 0)
+        return max_length, max(max_length - prompt_length, 0)
+
+    def _greedy(self, states, mask, prompts, max_new_tokens, stats, should_stop=None, drafts=None) -> list[_Row]:
+        prompt_length = len(prompts[0])
+        input_length = prompt_length - self.family.forced_prompt_tokens(prompts[0])
+        max_length, max_new = self._length_budget(prompts[0], max_new_tokens)
         processors = self._logits_processors(prompt_length, input_length, max_length)
         eos = torch.tensor(self.family.eos_token_ids, device=self.device)
-
-        sequences = torch.tensor(prompts, device=self.device)  # full sequences of the live rows
-        live = list(range(len(prompts)))  # original position of each live row
-        results: list[list[int]] = [[] for _ in prompts]
+        results = [_Row() for _ in prompts]
+        drafts = [d[:max_new] for d in drafts] if drafts else [[] for _ in prompts]
+        for row, draft in zip(results, drafts):
+            row.draft_offered = len(draft)
+        loop = _Loop(self, processors, eos, stats, should_stop)
+        if not any(drafts) or max_new == 0:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            sequences = torch.tensor(prompts, device=self.device)
+            loop.run(states, mask, sequences, sequences, cache, list(range(len(prompts))), results, max_new)
+            return results
+        # Verify every row's draft in one forward over prompt + draft (right-padded: the decoder is
+        # causal, so padding after a row's draft cannot change the logits of its real positions).
+        loop.check_stop()
+        longest = max(len(d) for d in drafts)
+        pad = self.family.pad_token_id
+        inputs = torch.tensor([p + d + [pad] * (longest - len(d)) for p, d in zip(prompts, drafts)], device=self.device)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        step_input = sequences
-        for _ in range(max_new):
-            if should_stop is not None and should_stop():
-                raise DecodeInterrupted(f"stopped after {stats.steps} decoder steps")
-            logits = self.family.step(step_input, states, mask, cache).float()
-            stats.steps += 1
-            stats.batch_sizes.append(len(live))
-            next_tokens = processors(sequences, logits).argmax(dim=-1)
-            sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
-            finished = torch.isin(next_tokens, eos)
-            for row, token, done in zip(live, next_tokens.tolist(), finished.tolist()):
-                if not done:
-                    results[row].append(token)
-            if bool(finished.all()):
-                break
-            if bool(finished.any()):
-                keep = (~finished).nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
-                states = states.index_select(0, keep)
-                mask = mask.index_select(0, keep) if mask is not None else None
-                sequences = sequences.index_select(0, keep)
-                next_tokens = next_tokens.index_select(0, keep)
-                live = [live[i] for i in keep.tolist()]
-            step_input = next_tokens[:, None]
+        logits = self.family.logits(inputs, states, mask, cache, last=longest + 1).float()
+        stats.steps += 1
+        stats.batch_sizes.append(len(prompts))
+        eos_ids = set(self.family.eos_token_ids)
+        continuing: dict[int, list[tuple[int, int]]] = {}  # accepted length -> [(row, next token)]
+        for r, (prompt, draft) in enumerate(zip(prompts, drafts)):
+            accepted, token = self._accept(processors, prompt, draft, logits[r], max_new, eos_ids)
+            results[r].tokens = draft[:accepted]
+            results[r].draft_accepted = accepted
+            stats.draft_offered += len(draft)
+            stats.draft_accepted += accepted
+            if token is None:  # EOS chosen (or nothing left to choose): the row is done
+                results[r].finished = accepted < max_new
+                continue
+            results[r].tokens.append(token)
+            if accepted + 1 >= max_new:
+                results[r].finished = False
+                continue
+            continuing.setdefault(accepted, []).append((r, token))
+        if len(continuing) > 1 and self.family.positions_and_mask:
+            # Rows accepted different lengths: all of them go on in one lockstep over the verified
+            # cache, each row masking the cache slots past its own accepted prefix and placing its
+            # next token at its own position.
+            members = sorted((r, accepted) for accepted, rows_ in continuing.items() for r, _ in rows_)
+            index = torch.tensor([r for r, _ in members], device=self.device)
+            longest = max(accepted for _, accepted in members)
+            valid = torch.zeros(len(members), prompt_length + longest, dtype=torch.long, device=self.device)
+            for i, (_, accepted) in enumerate(members):
+                valid[i, : prompt_length + accepted] = 1
+            ragged = _Ragged(
+                sequences=[prompts[r] + results[r].tokens for r, _ in members], attention=valid,
+                positions=torch.tensor([[prompt_length + a] for _, a in members], device=self.device),
+                budgets=[max_new - a - 1 for _, a in members],
+            )
+            group_mask = mask.index_select(0, index) if mask is not None else None
+            loop.run_ragged(states.index_select(0, index), group_mask, _select_cache(cache, index, prompt_length + longest),
+                            ragged, [r for r, _ in members], results)
+            return results
+        # Rows that accepted the same number of tokens share a cache length: each such group goes on
+        # step by step in lockstep from its own copy of the verified cache, cut to that length.
+        for accepted, members in sorted(continuing.items()):
+            index = torch.tensor([r for r, _ in members], device=self.device)
+            group_cache = _select_cache(cache, index, prompt_length + accepted)
+            sequences = torch.tensor([prompts[r] + results[r].tokens for r, _ in members], device=self.device)
+            step_input = sequences[:, -1:]
+            group_mask = mask.index_select(0, index) if mask is not None else None
+            loop.run(states.index_select(0, index), group_mask, sequences, step_input, group_cache,
+                     [r for r, _ in members], results, max_new - accepted - 1)
         return results
+
+    @staticmethod
+    def _accept(processors, prompt, draft, logits, max_new, eos_ids) -> tuple[int, int | None]:
+        """Greedy choices along a verified draft: (tokens of the draft accepted, the next token, or
+        None when the row ends there). ``logits[j]`` predicts the token after prompt + draft[:j]."""
+        sequence = torch.tensor([prompt + draft], device=logits.device)
+        accepted = 0
+        while accepted < max_new:
+            scores = processors(sequence[:, : len(prompt) + accepted], logits[accepted : accepted + 1])
+            choice = int(scores.argmax(dim=-1))
+            if choice in eos_ids:
+                return accepted, None
+            if accepted < len(draft) and choice == draft[accepted]:
+                accepted += 1
+                continue
+            return accepted, choice
+        return accepted, None
 
     def _logits_processors(self, prompt_length: int, input_length: int, max_length: int) -> LogitsProcessorList:
         """The greedy-relevant processors ``generate`` builds from the generation config.
@@ -277,3 +436,142 @@ class Engine:
         if config.forced_eos_token_id is not None:
             processors.append(ForcedEOSTokenLogitsProcessor(max_length, config.forced_eos_token_id, device=self.device))
         return processors
+
+
+@dataclass
+class _Row:
+    """What decoding one row produced so far."""
+
+    tokens: list[int] = field(default_factory=list)
+    finished: bool = True
+    draft_offered: int = 0
+    draft_accepted: int = 0
+
+
+class _Loop:
+    """The step-by-step greedy loop shared by plain decoding and the continuation after a draft."""
+
+    def __init__(self, engine: Engine, processors, eos, stats: DecodeStats, should_stop):
+        self.family = engine.family
+        self.processors = processors
+        self.eos = eos
+        self.stats = stats
+        self.should_stop = should_stop
+
+    def check_stop(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise DecodeInterrupted(f"stopped after {self.stats.steps} decoder steps")
+
+    def run(self, states, mask, sequences, step_input, cache, live: list[int], results: list[_Row], steps: int) -> None:
+        """Decode up to ``steps`` more tokens for rows ``live`` (their full ``sequences`` so far);
+        ``step_input`` is what the cache has not seen yet. Finished rows leave batch and cache."""
+        for _ in range(steps):
+            self.check_stop()
+            logits = self.family.step(step_input, states, mask, cache).float()
+            self.stats.steps += 1
+            self.stats.batch_sizes.append(len(live))
+            next_tokens = self.processors(sequences, logits).argmax(dim=-1)
+            sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
+            finished = torch.isin(next_tokens, self.eos)
+            for row, token, done in zip(live, next_tokens.tolist(), finished.tolist()):
+                if not done:
+                    results[row].tokens.append(token)
+            if bool(finished.all()):
+                return
+            if bool(finished.any()):
+                keep = (~finished).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                states = states.index_select(0, keep)
+                mask = mask.index_select(0, keep) if mask is not None else None
+                sequences = sequences.index_select(0, keep)
+                next_tokens = next_tokens.index_select(0, keep)
+                live = [live[i] for i in keep.tolist()]
+            step_input = next_tokens[:, None]
+        for row in live:  # still going when the length limit struck
+            results[row].finished = False
+
+    def run_ragged(self, states, mask, cache, ragged: _Ragged, live: list[int], results: list[_Row]) -> None:
+        """Like ``run`` for rows whose sequences differ in length (after a verified draft). Logits
+        processors run row by row on each row's own sequence, as generate() would see it."""
+        device = ragged.attention.device
+        step_input = torch.tensor([[seq[-1]] for seq in ragged.sequences], device=device)
+        eos = set(self.eos.tolist())
+        while live:
+            self.check_stop()
+            attention = torch.cat([ragged.attention, torch.ones(len(live), 1, dtype=torch.long, device=device)], 1)
+            logits = self.family.logits(step_input, states, mask, cache, attention_mask=attention,
+                                        position_ids=ragged.positions)[:, -1].float()
+            self.stats.steps += 1
+            self.stats.batch_sizes.append(len(live))
+            keep, tokens = [], []
+            for i, row in enumerate(live):
+                sequence = torch.tensor([ragged.sequences[i]], device=device)
+                token = int(self.processors(sequence, logits[i : i + 1]).argmax(dim=-1))
+                ragged.sequences[i].append(token)
+                ragged.budgets[i] -= 1
+                if token in eos:
+                    continue
+                results[row].tokens.append(token)
+                if ragged.budgets[i] <= 0:
+                    results[row].finished = False
+                    continue
+                keep.append(i)
+                tokens.append(token)
+            ragged.attention, ragged.positions = attention, ragged.positions + 1
+            if len(keep) < len(live):
+                if not keep:
+                    return
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                states = states.index_select(0, index)
+                mask = mask.index_select(0, index) if mask is not None else None
+                ragged.select(keep)
+                live = [live[i] for i in keep]
+            step_input = torch.tensor([[t] for t in tokens], device=device)
+
+
+@dataclass
+class _Ragged:
+    """Rows of unequal length decoding in one lockstep: per-row tokens, cache mask, positions, budgets."""
+
+    sequences: list[list[int]]  # prompt + tokens so far, per row
+    attention: torch.Tensor  # [rows, cache slots]: 1 where a row's cache slot is its own
+    positions: torch.Tensor  # [rows, 1]: the position of each row's next input token
+    budgets: list[int]  # tokens each row may still generate
+
+    def select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, device=self.attention.device)
+        self.sequences = [self.sequences[i] for i in keep]
+        self.attention = self.attention.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        self.budgets = [self.budgets[i] for i in keep]
+
+
+def _select_cache(cache: EncoderDecoderCache, rows: torch.Tensor, length: int) -> EncoderDecoderCache:
+    """A new cache holding ``rows`` of ``cache``, self-attention cut to its first ``length`` positions."""
+    layers = []
+    for own, cross in zip(cache.self_attention_cache.layers, cache.cross_attention_cache.layers):
+        layers.append((own.keys[rows, :, :length], own.values[rows, :, :length], cross.keys[rows], cross.values[rows]))
+    return EncoderDecoderCache(layers)
+
+
+def run_rows(engine: Engine, audios: list[np.ndarray], rows: list[tuple[int, Target]], *, window: str = "exact",
+             max_new_tokens: int | None = None, should_stop: Callable[[], bool] | None = None,
+             drafts: list[list[int] | None] | None = None) -> list[Hypothesis]:
+    """Encode ``audios`` on ``window`` and decode ``rows``; a fast-window row that comes back broken
+    (non-finite encoder output, or a repetition loop) is decoded again on the exact window."""
+    encoded = engine.encode(audios, window)
+    hypotheses = engine.decode(encoded, rows, max_new_tokens, should_stop, drafts)
+    if encoded.window != "fast":
+        return hypotheses
+    finite = torch.isfinite(encoded.states).flatten(1).all(dim=1).tolist()
+    broken = [i for i, h in enumerate(hypotheses) if h.looks_broken or not finite[rows[i][0]]]
+    if not broken:
+        return hypotheses
+    utterances = sorted({rows[i][0] for i in broken})
+    renumber = {u: n for n, u in enumerate(utterances)}
+    exact = engine.encode([audios[u] for u in utterances], "exact")
+    redo = engine.decode(exact, [(renumber[rows[i][0]], rows[i][1]) for i in broken], max_new_tokens, should_stop)
+    for i, hypothesis in zip(broken, redo):
+        hypotheses[i] = hypothesis
+    return hypotheses

@@ -111,9 +111,23 @@ class Family(ABC):
         """Whatever is done once per encoder output before decoding (projection, mask downsampling)."""
         return hidden, None
 
+    # Whether ``logits`` takes a decoder ``attention_mask`` over the cache and explicit ``position_ids``,
+    # so rows of different lengths can share one lockstep (else they decode in groups of equal length).
+    positions_and_mask = False
+
     @abstractmethod
+    def logits(self, input_ids, encoder_states, encoder_mask, cache, last: int = 1, **kwargs) -> torch.Tensor:
+        """Run the decoder on the new ``input_ids`` with ``cache``; logits of the ``last`` positions
+        as [batch, last, vocab] (one position per step, a whole draft when verifying one)."""
+
     def step(self, input_ids, encoder_states, encoder_mask, cache) -> torch.Tensor:
-        """Run the decoder on the new ``input_ids`` with ``cache``; return last-position logits."""
+        """One decoder step: last-position logits [batch, vocab]."""
+        return self.logits(input_ids, encoder_states, encoder_mask, cache)[:, -1]
+
+    @property
+    def fixed_window_s(self) -> float | None:
+        """Seconds every encoder input is padded to (Whisper: 30), None when inputs are not padded."""
+        return None
 
     def suppressed_tokens(self) -> tuple[list[int], list[int]]:
         """(always suppressed, suppressed at the first generated position)."""
@@ -141,6 +155,23 @@ class WhisperFamily(Family):
     @property
     def max_target_positions(self) -> int:
         return int(self.model.config.max_target_positions)
+
+    @property
+    def fixed_window_s(self) -> float | None:
+        return float(self.model.config.max_source_positions * 2 / 100)  # 1500 positions = 3000 mel frames = 30 s
+
+    def encode_window(self, features: torch.Tensor) -> torch.Tensor:
+        """WhisperEncoder.forward on a log-mel window shorter than 30 s: the same layers, with the
+        positional embeddings sliced to the window (the stock forward insists on 3000 frames)."""
+        import torch.nn.functional as F  # noqa: PLC0415 (this module stays importable without torch)
+
+        encoder = self.model.model.encoder
+        hidden = F.gelu(encoder.conv1(features))
+        hidden = F.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
+        hidden = hidden + encoder.embed_positions.weight[: hidden.shape[1]]
+        for layer in encoder.layers:
+            hidden = layer(hidden, None)
+        return encoder.layer_norm(hidden)
 
     def default_target(self) -> Target:
         # Multilingual Whisper detects the spoken language per utterance, as generate() does.
@@ -189,11 +220,14 @@ class WhisperFamily(Family):
             tokens.append(int(self.no_timestamps_token))
         return tokens
 
-    def step(self, input_ids, encoder_states, encoder_mask, cache):
+    positions_and_mask = True
+
+    def logits(self, input_ids, encoder_states, encoder_mask, cache, last=1, attention_mask=None, position_ids=None):
         out = self.model.model.decoder(
-            input_ids=input_ids, encoder_hidden_states=encoder_states, cache=cache, use_cache=True
+            input_ids=input_ids, encoder_hidden_states=encoder_states, cache=cache, use_cache=True,
+            attention_mask=attention_mask, position_ids=position_ids,
         )
-        return self.model.proj_out(out.last_hidden_state[:, -1])
+        return self.model.proj_out(out.last_hidden_state[:, -last:])
 
 
 class _StartTokenFamily(Family):
@@ -249,7 +283,7 @@ class Speech2TextFamily(_StartTokenFamily):
             return hidden, None
         return hidden, self.model.model._get_feature_vector_attention_mask(hidden.shape[1], feature_mask)
 
-    def step(self, input_ids, encoder_states, encoder_mask, cache):
+    def logits(self, input_ids, encoder_states, encoder_mask, cache, last=1):
         out = self.model.model.decoder(
             input_ids=input_ids,
             encoder_hidden_states=encoder_states,
@@ -257,7 +291,7 @@ class Speech2TextFamily(_StartTokenFamily):
             cache=cache,
             use_cache=True,
         )
-        return self.model.lm_head(out.last_hidden_state[:, -1])
+        return self.model.lm_head(out.last_hidden_state[:, -last:])
 
 
 class SpeechEncoderDecoderFamily(_StartTokenFamily):
@@ -281,7 +315,7 @@ class SpeechEncoderDecoderFamily(_StartTokenFamily):
             mask = model.encoder._get_feature_vector_attention_mask(hidden.shape[1], feature_mask)
         return hidden, mask
 
-    def step(self, input_ids, encoder_states, encoder_mask, cache):
+    def logits(self, input_ids, encoder_states, encoder_mask, cache, last=1):
         out = self.model.decoder(
             input_ids=input_ids,
             encoder_hidden_states=encoder_states,
@@ -289,7 +323,7 @@ class SpeechEncoderDecoderFamily(_StartTokenFamily):
             cache=cache,
             use_cache=True,
         )
-        return out.logits[:, -1]
+        return out.logits[:, -last:]
 
 
 FAMILIES = {

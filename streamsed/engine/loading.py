@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from .default_model import DEFAULT_MODEL
-from .engine import Engine
+from .engine import DEFAULT_WINDOW_MARGIN_S, Engine
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# int8: float32 weights with every nn.Linear dynamically quantized to int8 (torch.ao), CPU only.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.qint8}
 
 
 class ModelUnavailable(RuntimeError):
@@ -40,6 +41,8 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
         raise ModelUnavailable("device 'cuda' was requested but torch sees no CUDA GPU; use --device cpu or auto")
     if dtype == "auto":
         dtype = "float16" if device == "cuda" else "float32"
+    if dtype == "int8" and device != "cpu":
+        raise ModelUnavailable("dtype 'int8' (dynamic quantization) runs on the CPU only; use float16 on CUDA")
     return torch.device(device), DTYPES[dtype]
 
 
@@ -65,7 +68,8 @@ def local_checkpoint_dir(reference: str) -> Path | None:
     return None
 
 
-def load_engine(reference: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> Engine:
+def load_engine(reference: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
+                window_margin_s: float = DEFAULT_WINDOW_MARGIN_S) -> Engine:
     """Load ``reference`` (see module doc) and return an Engine on the chosen device."""
     torch_device, torch_dtype = resolve_device(device, dtype)
     local_dir = local_checkpoint_dir(reference)
@@ -76,15 +80,37 @@ def load_engine(reference: str = DEFAULT_MODEL, device: str = "auto", dtype: str
         if local_dir is not None:
             raise ModelUnavailable(f"cannot load model from {source}: {error}".splitlines()[0]) from error
         raise ModelUnavailable(_hub_failure_message(reference, error)) from error
-    return engine_from_model(model, feature_extractor, tokenizer, name=reference, device=torch_device, dtype=torch_dtype)
+    return engine_from_model(model, feature_extractor, tokenizer, name=reference, device=torch_device, dtype=torch_dtype,
+                             window_margin_s=window_margin_s)
 
 
-def engine_from_model(model, feature_extractor, tokenizer, *, name: str = "custom", device="auto", dtype="auto") -> Engine:
+def engine_from_model(model, feature_extractor, tokenizer, *, name: str = "custom", device="auto", dtype="auto",
+                      window_margin_s: float = DEFAULT_WINDOW_MARGIN_S) -> Engine:
     """Serve a model object built in code (e.g. ``SpeechEncoderDecoderModel.from_encoder_decoder_pretrained``)."""
     if not isinstance(device, torch.device):
         device, dtype = resolve_device(device, dtype)
+    if dtype == torch.qint8:
+        return _int8_engine(model, feature_extractor, tokenizer, name, window_margin_s)
     model = model.to(device=device, dtype=dtype)
-    return Engine(model, feature_extractor, tokenizer, name=name, device=device, dtype=dtype)
+    return Engine(model, feature_extractor, tokenizer, name=name, device=device, dtype=dtype,
+                  window_margin_s=window_margin_s)
+
+
+def _int8_engine(model, feature_extractor, tokenizer, name: str, window_margin_s: float) -> Engine:
+    """Every nn.Linear dynamically quantized (int8 weights, activations quantized per batch); the
+    rest, convolutions and embeddings included, stays float32. Output differs from float32."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    model = model.to(device="cpu", dtype=torch.float32).eval()
+    with warnings.catch_warnings():  # torch marks its quantized tensor API as deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    engine = Engine(model, feature_extractor, tokenizer, name=name, device=torch.device("cpu"), dtype=torch.float32,
+                    window_margin_s=window_margin_s)
+    engine.quantized = "int8"
+    return engine
 
 
 def _load_parts(source: str, local_only: bool):
