@@ -78,7 +78,10 @@ def broker(tmp_path):
 def mqtt_config(port: int, **mqtt):
     settings = {"enabled": True, "host": mosquitto.HOST, "port": port, "node_id": NODE, "reconnect_min_s": 0.05,
                 "reconnect_max_s": 0.4, "flush_timeout_s": 5.0, **mqtt}
-    return with_overrides(load_config(env={}), server={"port": 0}, mqtt=settings)
+    # Exact windows: the tiny random model's text loops on the fast window, and every fallback would
+    # double the cost of the partials this file expects to see published.
+    return with_overrides(load_config(env={}), server={"port": 0}, mqtt=settings,
+                          model={"final_window": "exact", "partial_window": "exact"})
 
 
 @contextlib.asynccontextmanager

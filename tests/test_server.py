@@ -127,7 +127,7 @@ async def test_stream_stop_delivers_finals_then_closes_1000(daemon, speech):
     assert kinds.count("speech_start") == 2 and kinds.count("speech_end") == 2
     for final in finals(events):
         assert set(final) == {"type", "stream", "segment", "source_lang", "target_lang", "text", "start", "end",
-                              "latency_ms"}
+                              "latency_ms", "window", "queued_ms", "compute_ms"}
         assert final["stream"] == "room1" and 0 <= final["start"] < final["end"] <= len(speech) / 32000
         assert final["latency_ms"] >= 0
 
@@ -406,13 +406,13 @@ class BusyEncoder:
         self.original = engine.encode
 
     def __enter__(self):
-        def encode(audios):
+        def encode(audios, window="exact"):
             self.busy.set()
             a = torch.randn(384, 384)
             end = time.monotonic() + self.seconds
             while time.monotonic() < end:
                 a = torch.tanh(a @ a)
-            return self.original(audios)
+            return self.original(audios, window)
 
         self.engine.encode = encode
         return self
@@ -531,3 +531,22 @@ def test_printer_for_people(capsys):
     assert endpoint("ws://h:1", "/v1/stream") == "ws://h:1/v1/stream"
     assert endpoint("ws://h:1/", "/v1/stream") == "ws://h:1/v1/stream"
     assert endpoint("ws://h:1/custom", "/v1/stream") == "ws://h:1/custom"
+
+
+async def test_new_streams_are_refused_while_the_engine_is_overloaded(engine, monkeypatch):
+    daemon = Daemon(config(), engine)
+    await daemon.start()
+    await daemon.wait_ready()
+    try:
+        async with connect(f"{daemon.url}/v1/stream") as open_stream:
+            await start(open_stream, stream="early")
+            monkeypatch.setattr(type(daemon.worker), "overloaded", property(lambda self: True))
+            async with connect(f"{daemon.url}/v1/stream") as late:
+                error = await expect_fatal(late, "overloaded", 1013)
+                assert "deadline" in error["message"]
+            await open_stream.send(json.dumps({"type": "keepalive"}))  # the open stream is unaffected
+            monkeypatch.undo()
+        async with connect(f"{daemon.url}/v1/stream") as after:
+            await start(after, stream="after")
+    finally:
+        await daemon.stop()

@@ -144,7 +144,9 @@ async def test_paced_stream_gives_partials_then_finals_equal_to_offline(tiny_eng
     assert abs(len(partials_1) - duration_1 / 0.5) <= 2
     final = next(e for e in events if e["type"] == "final")
     assert final["source_lang"] == "en" and set(final) == {
-        "type", "stream", "segment", "source_lang", "target_lang", "text", "start", "end", "latency_ms"}
+        "type", "stream", "segment", "source_lang", "target_lang", "text", "start", "end", "latency_ms", "window",
+        "queued_ms", "compute_ms"}
+    assert final["window"] == "exact" and 0 <= final["queued_ms"] <= final["latency_ms"] and final["compute_ms"] > 0
     partial = next(e for e in events if e["type"] == "partial")
     assert set(partial) == {"type", "stream", "segment", "target_lang", "stable", "unstable", "start"}
 

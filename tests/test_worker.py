@@ -109,10 +109,10 @@ class ExplodingEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def encode(self, audios):
+    def encode(self, audios, window="exact"):
         if any(len(a) == self.BAD for a in audios):
             raise RuntimeError("boom")
-        return self._engine.encode(audios)
+        return self._engine.encode(audios, window)
 
 
 async def test_a_model_error_reaches_only_the_request_that_caused_it(engine, audios):
@@ -134,15 +134,29 @@ async def test_a_newer_partial_with_the_same_key_supersedes_the_pending_one(engi
     old = worker.submit(audios[0], TARGETS, "partial", key="stream-a")
     other_stream = worker.submit(audios[1], TARGETS, "partial", key="stream-b")
     new = worker.submit(audios[2], TARGETS, "partial", key="stream-a")
-    final = worker.submit(audios[3], TARGETS, "final", key="stream-a")  # finals are never superseded
     worker.start()
     try:
         assert await old is None
-        assert all(len(result) == 2 for result in await asyncio.gather(other_stream, new, final))
+        assert all(len(result) == 2 for result in await asyncio.gather(other_stream, new))
     finally:
         worker.stop()
     assert worker.stats.superseded == 1
-    assert worker.stats.encoder_batches == {3: 1}
+    assert worker.stats.encoder_batches == {2: 1}
+
+
+async def test_a_final_supersedes_its_streams_pending_partial_and_is_never_superseded(engine, audios):
+    worker = EngineWorker(engine, max_new_tokens=SHORT)
+    partial = worker.submit(audios[0], TARGETS, "partial", key="stream-a")
+    other = worker.submit(audios[1], TARGETS, "partial", key="stream-b")
+    final = worker.submit(audios[2], TARGETS, "final", key="stream-a")  # the utterance closed: its partial is moot
+    later = worker.submit(audios[3], TARGETS, "final", key="stream-a")
+    worker.start()
+    try:
+        assert await partial is None
+        assert all(len(result) == 2 for result in await asyncio.gather(other, final, later))
+    finally:
+        worker.stop()
+    assert worker.stats.superseded == 1
 
 
 async def test_finals_run_before_older_partials(engine, audios):

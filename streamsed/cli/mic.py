@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TOML settings: [microphone], [vad], [streaming] chunk_ms and, with --local, [model]")
     parser.add_argument("--model", default=None, help="model reference with --local (default: whisper-base)")
     parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="compute device with --local")
-    parser.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16", "int8"])
 
 
 # -- the terminal UI ------------------------------------------------------------------------------
@@ -311,9 +311,10 @@ class LocalBackend:
         from ..engine.worker import EngineWorker
 
         model = self.settings.model
-        self.engine = await asyncio.to_thread(load_engine, model.name, model.device, model.dtype)
+        self.engine = await asyncio.to_thread(load_engine, model.name, model.device, model.dtype, model.window_margin_s)
         resolve_targets(self.engine, self.settings.source_lang, self.settings.targets)  # UnsupportedTarget
-        self.worker = EngineWorker(self.engine, model.max_batch_utterances)
+        self.worker = EngineWorker(self.engine, model.max_batch_utterances, final_window=model.final_window,
+                                   partial_window=model.partial_window, final_deadline_ms=model.final_deadline_ms)
         self.worker.start()
 
     async def open(self, opened: Opened) -> None:

@@ -32,7 +32,7 @@ CLOSE_NORMAL = 1000  # after "stop": every final was sent
 CLOSE_GOING_AWAY = 1001  # daemon shutting down (finals of open utterances were sent first)
 CLOSE_POLICY = 1008  # fatal client error; the reason names the error code
 CLOSE_INTERNAL = 1011  # bug or engine failure
-CLOSE_TRY_AGAIN = 1013  # too many sessions, or the model is still loading
+CLOSE_TRY_AGAIN = 1013  # too many sessions, the model is still loading, or the engine is overloaded
 
 # code -> close code (None: recoverable, the connection stays open) and when it is sent.
 ERRORS: dict[str, tuple[int | None, str]] = {
@@ -49,6 +49,7 @@ ERRORS: dict[str, tuple[int | None, str]] = {
     "stream_in_use": (CLOSE_POLICY, "another connection is already ingesting this stream id"),
     "too_many_sessions": (CLOSE_TRY_AGAIN, "the daemon is at max_sessions; retry later"),
     "not_ready": (CLOSE_TRY_AGAIN, "the model is still loading; retry when /readyz says 200"),
+    "overloaded": (CLOSE_TRY_AGAIN, "finals are behind their deadline; new streams are refused until they catch up"),
     "internal": (CLOSE_INTERNAL, "an unexpected server failure (a bug); the session ends"),
 }
 

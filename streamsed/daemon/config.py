@@ -18,6 +18,7 @@ from ..core.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 from ..core.vad import VadConfig
 
 ENV_PREFIX = "STREAMSED_"
+WINDOWS = ("exact", "fast", "auto")  # the engine's encoder windows (streamsed.engine.engine.WINDOWS)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -42,6 +43,10 @@ class ModelConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_batch_utterances: int = 16
+    final_window: str = "auto"  # exact | fast | auto (fast on CPU, exact on CUDA)
+    partial_window: str = "fast"
+    window_margin_s: float = 5.0
+    final_deadline_ms: float = 2000.0
 
 
 @dataclass(frozen=True)
@@ -222,9 +227,13 @@ def _validate(config: Config) -> None:
          "[server] allowed_origins entries must be \"*\" or scheme://host[:port] (http or https, no path), "
          f"got {server.allowed_origins!r}"),
         (model.device in ("auto", "cpu", "cuda"), "[model] device must be auto, cpu or cuda"),
-        (model.dtype in ("auto", "float32", "float16", "bfloat16"),
-         "[model] dtype must be auto, float32, float16 or bfloat16"),
+        (model.dtype in ("auto", "float32", "float16", "bfloat16", "int8"),
+         "[model] dtype must be auto, float32, float16, bfloat16 or int8"),
         (model.max_batch_utterances >= 1, "[model] max_batch_utterances must be at least 1"),
+        (model.final_window in WINDOWS, "[model] final_window must be exact, fast or auto"),
+        (model.partial_window in WINDOWS, "[model] partial_window must be exact, fast or auto"),
+        (0 <= model.window_margin_s <= 30, "[model] window_margin_s must be between 0 and 30"),
+        (model.final_deadline_ms > 0, "[model] final_deadline_ms must be positive"),
         (streaming.chunk_ms >= 100, "[streaming] chunk_ms must be at least 100"),
         (MIN_SAMPLE_RATE <= streaming.sample_rate <= MAX_SAMPLE_RATE,
          f"[streaming] sample_rate must be {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE}"),

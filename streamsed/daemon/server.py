@@ -113,7 +113,7 @@ class Daemon:
         from ..engine.loading import load_engine
 
         model = self.config.model
-        return load_engine(model.name, device=model.device, dtype=model.dtype)
+        return load_engine(model.name, device=model.device, dtype=model.dtype, window_margin_s=model.window_margin_s)
 
     async def _load(self) -> None:
         try:
@@ -123,7 +123,9 @@ class Daemon:
                 return
             from ..engine.worker import EngineWorker
 
-            self.worker = EngineWorker(self.engine, self.config.model.max_batch_utterances)
+            model = self.config.model
+            self.worker = EngineWorker(self.engine, model.max_batch_utterances, final_window=model.final_window,
+                                       partial_window=model.partial_window, final_deadline_ms=model.final_deadline_ms)
             self.worker.start()
         except Exception as error:
             self.load_error = error
@@ -205,7 +207,7 @@ class Daemon:
         if page is not None:
             return page
         endpoints = (f"/healthz /readyz ws:{protocol.STREAM_PATH} ws:{protocol.CAPTIONS_PATH} / /captions /speak "
-                     f"{web_routes.STREAMS_PATH} {web_routes.STREAMS_PATH}/ID/captions.vtt|.srt|.jsonl")
+                     f"{web_routes.STREAMS_PATH} {web_routes.STREAMS_PATH}/ID/captions.vtt|.srt|.jsonl {web_routes.ENGINE_PATH}")
         return connection.respond(HTTPStatus.NOT_FOUND, f"not found; endpoints: {endpoints}\n")
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -220,6 +222,11 @@ class Daemon:
             most = self.config.server.max_sessions
             await refuse(ws, ProtocolError(
                 "too_many_sessions", f"the daemon is serving its maximum of {most} sessions; retry later"
+            ))
+            return
+        if self.worker is not None and self.worker.overloaded:
+            await refuse(ws, ProtocolError(
+                "overloaded", "finals are behind their deadline; new streams are refused until they catch up"
             ))
             return
         ingest = _Ingest(self, ws, query)

@@ -95,6 +95,8 @@ class StreamSession:
         self._partial_mark = 0  # stream offset when the open utterance last got a partial request
         self._partial: asyncio.Task | None = None  # the one partial in flight
         self._agreements: dict[int, dict[Target, LocalAgreement]] = {}  # segment -> one per target
+        # segment -> requested target -> tokens of its latest hypothesis: the draft of the next request
+        self._drafts: dict[int, dict[Target, list[int]]] = {}
         self._last_final_segment = -1  # segments up to this one have had their finals emitted
         self._final_chain: asyncio.Task | None = None  # the newest final; it awaits the ones before
         self._finals_in_flight = 0
@@ -177,10 +179,11 @@ class StreamSession:
             return
         self._partial_mark = self._received
         start = self._segmenter.open_start
-        future = self._submit(self._segmenter.open_audio(), "partial")
-        self._partial = asyncio.ensure_future(self._emit_partials(segment, start, future))
+        targets = list(self.targets)
+        future = self._submit(self._segmenter.open_audio(), "partial", segment, targets)
+        self._partial = asyncio.ensure_future(self._emit_partials(segment, start, targets, future))
 
-    async def _emit_partials(self, segment: int, start: int, future: asyncio.Future) -> None:
+    async def _emit_partials(self, segment: int, start: int, targets: list[Target], future: asyncio.Future) -> None:
         try:
             hypotheses = await future
         except Exception as error:  # partials are best effort; the final will report a real failure
@@ -188,6 +191,9 @@ class StreamSession:
             return
         if hypotheses is None or segment <= self._last_final_segment:
             return  # superseded, or the final is out already and must stay the last word
+        drafts = self._drafts.setdefault(segment, {})
+        for target, hypothesis in zip(targets, hypotheses):
+            drafts[target] = hypothesis.tokens
         agreements = self._agreements.setdefault(segment, {})
         for hypothesis in hypotheses:  # keyed by target: set_targets() may change them between partials
             agreement = agreements.setdefault(hypothesis.target, LocalAgreement())
@@ -198,7 +204,7 @@ class StreamSession:
 
     # -- finals -------------------------------------------------------------------------------------
     def _request_final(self, ended: SpeechEnded, arrived: float) -> None:
-        future = self._submit(ended.audio, "final")
+        future = self._submit(ended.audio, "final", ended.segment, list(self.targets))
         previous = self._final_chain
         self._finals_in_flight += 1
         self._final_chain = asyncio.ensure_future(self._emit_finals(ended, arrived, future, previous))
@@ -215,6 +221,7 @@ class StreamSession:
         self._finals_in_flight -= 1
         self._last_final_segment = ended.segment
         self._agreements.pop(ended.segment, None)
+        self._drafts.pop(ended.segment, None)
         if isinstance(hypotheses, Exception):
             log.error("stream %s: final of segment %d failed: %s", self.stream, ended.segment, hypotheses)
             self._emit({"type": "error", "code": DECODE_FAILED,
@@ -225,13 +232,17 @@ class StreamSession:
             self._emit({"type": "final", "stream": self.stream, "segment": ended.segment,
                         "source_lang": hypothesis.target.source_lang, "target_lang": hypothesis.target.target_lang,
                         "text": hypothesis.text, "start": _seconds(ended.start), "end": _seconds(ended.end),
-                        "latency_ms": latency_ms})
+                        "latency_ms": latency_ms, "window": hypothesis.window, "queued_ms": hypothesis.queued_ms,
+                        "compute_ms": hypothesis.compute_ms})
 
     # -- plumbing -----------------------------------------------------------------------------------
-    def _submit(self, audio: np.ndarray, kind: str) -> asyncio.Future:
-        """Queue on the worker; a stopped worker gives a failed future instead of breaking feed()."""
+    def _submit(self, audio: np.ndarray, kind: str, segment: int, targets: list[Target]) -> asyncio.Future:
+        """Queue on the worker, with the segment's latest hypotheses as drafts; a stopped worker
+        gives a failed future instead of breaking feed()."""
+        known = self._drafts.get(segment, {})
+        drafts = [known.get(target) for target in targets]
         try:
-            return self._worker.submit(audio, self.targets, kind, key=self if kind == "partial" else None)
+            return self._worker.submit(audio, targets, kind, key=self, drafts=drafts if any(drafts) else None)
         except RuntimeError as error:
             future = asyncio.get_running_loop().create_future()
             future.set_exception(error)

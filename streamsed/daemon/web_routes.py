@@ -20,10 +20,12 @@ ready ``Response`` or None (not ours). Nothing here awaits.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import ipaddress
 import json
 import re
+import time
 from http import HTTPStatus
 from importlib import resources
 from urllib.parse import unquote, urlsplit
@@ -67,6 +69,7 @@ EXPORT_FORMATS = {
     "jsonl": "application/x-ndjson; charset=utf-8",
 }
 STREAMS_PATH = "/v1/streams"
+ENGINE_PATH = "/v1/engine"
 _EXPORT = re.compile(r"^/v1/streams/([^/]+)/captions\.(vtt|srt|jsonl)$")
 _STREAM_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ORIGIN = re.compile(r"^(https?)://([^/?#@\s]+)$")
@@ -103,6 +106,8 @@ def route(daemon, request) -> Response | None:
         return page(path)
     if path == STREAMS_PATH:
         return streams(daemon, request)
+    if path == ENGINE_PATH:
+        return engine_status(daemon)
     match = _EXPORT.match(path)
     if match:
         return export(daemon.hub, unquote(match.group(1)), match.group(2), query, cors(request, daemon.config))
@@ -124,6 +129,18 @@ def streams(daemon, request) -> Response:
         listed.append({"stream": stream, "live": stream in daemon.sessions, "finals": len(finals), "targets": targets})
     body = json.dumps({"streams": listed}, ensure_ascii=False) + "\n"
     return response(HTTPStatus.OK, body, "application/json; charset=utf-8", cors(request, daemon.config))
+
+
+def engine_status(daemon) -> Response:
+    """``GET /v1/engine``: the worker's counters (JSON), for ``streamsed bench load`` and operators."""
+    worker = daemon.worker
+    if worker is None:
+        return text(HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading")
+    stats = dataclasses.asdict(worker.stats)
+    body = {"model": daemon.engine.name, "device": str(daemon.engine.device), "windows": worker.windows,
+            "final_deadline_ms": round(worker.final_deadline_s * 1000), "overloaded": worker.overloaded,
+            "uptime_s": round(time.monotonic() - worker.started_at, 3), **stats}
+    return response(HTTPStatus.OK, json.dumps(body) + "\n", "application/json; charset=utf-8")
 
 
 # -- export -----------------------------------------------------------------------------------------

@@ -17,12 +17,16 @@ __all__ = ["translate_segments"]
 
 
 def translate_segments(
-    engine: Engine, segments: list[SpeechEnded], targets: list[Target], batch_size: int = 8
+    engine: Engine, segments: list[SpeechEnded], targets: list[Target], batch_size: int = 8, window: str = "exact"
 ) -> Iterator[SegmentResult]:
-    """Decode segments in batches; results come in segment order, targets in the given order."""
+    """Decode segments in batches; results come in segment order, targets in the given order.
+
+    ``window`` is the encoder window (``Engine.encode``); a live final equals this output when the
+    daemon's ``final_window`` is the same setting.
+    """
     for first in range(0, len(segments), batch_size):
         batch = segments[first : first + batch_size]
-        hypotheses = engine.transcribe([s.audio for s in batch], targets)
+        hypotheses = engine.transcribe([s.audio for s in batch], targets, window=window)
         for segment, per_target in zip(batch, hypotheses):
             for hyp in per_target:
                 yield SegmentResult(

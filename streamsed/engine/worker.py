@@ -1,26 +1,34 @@
-"""The engine worker: one thread owns the model and serves every session in batches.
+"""The engine worker: one thread owns the model and schedules the work of every session.
 
-Sessions never run torch. They hand a request (audio, targets, kind) to ``EngineWorker.submit`` or
-``await EngineWorker.transcribe(...)``; the request is plain data in a queue. The worker thread:
+Sessions never run torch. They hand a request (audio, targets, kind, optional drafts) to
+``EngineWorker.submit`` or ``await EngineWorker.transcribe(...)``; the request is plain data in a
+queue. The worker thread is a small deadline scheduler:
 
-1. blocks until a request is pending, waits ``batch_window_ms`` (a couple of milliseconds) so that
-   requests submitted at about the same time travel together, then takes up to
-   ``max_batch_utterances`` pending requests, finals before partials (oldest first within a kind);
-   the rest wait for the next round;
-2. checks every request's targets, failing only the requests whose targets the model rejects;
-3. runs ONE ``engine.encode`` over the audio of all taken requests and ONE ``engine.decode`` over
-   all their rows (utterance x target), so rows from different streams advance in one lockstep,
-   KV-cached decoding loop;
-4. hands each request its hypotheses through ``loop.call_soon_threadsafe`` on the loop that
-   submitted it. If the batch raises, its requests are retried one by one so that the exception
-   reaches only the request that caused it. The worker itself keeps running.
+1. It blocks until a request is pending, waits ``batch_window_ms`` so that requests submitted at
+   about the same time travel together, then takes up to ``max_batch_utterances`` requests:
+   **finals first**, earliest deadline first (deadline = arrival + ``final_deadline_ms``);
+   **partials only in spare capacity**: none while finals are overdue or while the finals already
+   queued would take the engine past their deadline (measured cost per final, kept as a moving
+   average). A partial that is not taken stays queued and is superseded by its stream's next one.
+2. It checks every request's targets, failing only the requests whose targets the model rejects.
+3. It runs ONE encoder pass per window kind (``final_window``/``partial_window``: exact, fast,
+   auto) over the taken requests and ONE decode over all their rows (utterance x target), so rows
+   of different streams advance in one lockstep, KV-cached loop; drafts (a stream's previous
+   hypothesis) are verified in one forward and only their confirmed prefix is kept.
+4. It hands each request its hypotheses through ``loop.call_soon_threadsafe``; each hypothesis
+   carries ``queued_ms`` (wait before its batch started) and ``compute_ms`` (its batch's run time).
+   If a batch raises, its requests are retried one by one so that the exception reaches only the
+   request that caused it. The worker itself keeps running.
 
-Partial requests may carry a ``key`` (a session uses itself): a newer partial with the same key
-supersedes a pending older one, which then resolves with ``None`` without costing any model time.
-Finals are never superseded. A batch made only of partials is also *preempted* when a final
+**Overload.** When finals fall behind their deadline the worker is ``overloaded`` (partials pause
+as above; the server refuses new ingest sessions with ``overloaded``). The episode is logged once
+when it starts and once when the backlog is gone, with its length and worst final wait.
+
+Requests may carry a ``key`` (a session uses itself): a newer request with the same key, a partial
+or the final of the utterance, supersedes a pending older partial, which then resolves with ``None``
+without costing any model time. Finals are never superseded. A batch made only of partials is also *preempted* when a final
 arrives while it decodes: it stops before its next decoder step and its partials resolve with
-``None``, so a final waits for at most one decoder step (plus an encoder pass already running)
-instead of a whole partial decode. Partials are disposable: the next chunk brings a fresher one.
+``None``, so a final waits for at most one decoder step (plus an encoder pass already running).
 """
 
 from __future__ import annotations
@@ -36,13 +44,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.languages import Target
-from .engine import DecodeInterrupted, Engine, Hypothesis
+from .engine import DecodeInterrupted, Engine, Hypothesis, run_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineWorker", "WorkerStats", "KINDS"]
+__all__ = ["EngineWorker", "WorkerStats", "KINDS", "DEFAULT_FINAL_DEADLINE_MS"]
 
 KINDS = ("final", "partial")
+DEFAULT_FINAL_DEADLINE_MS = 2000.0
+_COST_SMOOTHING = 0.3  # weight of the newest batch in the moving average of cost per request
 
 
 @dataclass
@@ -61,6 +71,13 @@ class WorkerStats:
     max_decoder_step_rows: int = 0  # most rows that ran one decoder step together (lockstep)
     busy_seconds: float = 0.0  # time spent in batches
     max_batch_seconds: float = 0.0
+    decoder_forwards: int = 0  # decoder forward passes over all batches
+    draft_offered: int = 0  # draft tokens offered over all rows
+    draft_accepted: int = 0  # of those, confirmed by greedy decoding
+    deferred: int = 0  # times a partial was left queued to keep finals on time
+    overload_episodes: int = 0
+    max_final_wait_seconds: float = 0.0  # longest a final waited in the queue
+    windows: dict[str, int] = field(default_factory=dict)  # requests answered per window used
 
     def record(self, utterances: int, rows: int, step_rows: int, seconds: float) -> None:
         self.batches += 1
@@ -72,6 +89,13 @@ class WorkerStats:
         self.busy_seconds += seconds
         self.max_batch_seconds = max(self.max_batch_seconds, seconds)
 
+    def record_decode(self, hypotheses: list[Hypothesis], forwards: int) -> None:
+        self.decoder_forwards += forwards
+        for hypothesis in hypotheses:
+            self.draft_offered += hypothesis.draft_offered
+            self.draft_accepted += hypothesis.draft_accepted
+            self.windows[hypothesis.window] = self.windows.get(hypothesis.window, 0) + 1
+
 
 @dataclass(eq=False)
 class _Request:
@@ -81,6 +105,9 @@ class _Request:
     key: Hashable | None
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    drafts: list[list[int] | None] | None = None  # one per target
+    submitted: float = field(default_factory=time.monotonic)
+    deadline: float = float("inf")  # finals only
 
 
 def _settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
@@ -103,13 +130,24 @@ class EngineWorker:
         *,
         batch_window_ms: float = 2.0,
         max_new_tokens: int | None = None,
+        final_window: str = "exact",  # the daemon passes its [model] settings (auto / fast by default)
+        partial_window: str = "exact",
+        final_deadline_ms: float = DEFAULT_FINAL_DEADLINE_MS,
     ):
         if max_batch_utterances < 1:
             raise ValueError(f"max_batch_utterances must be at least 1, got {max_batch_utterances}")
+        if final_deadline_ms <= 0:
+            raise ValueError(f"final_deadline_ms must be positive, got {final_deadline_ms}")
         self.engine = engine
         self.max_batch_utterances = max_batch_utterances
         self.batch_window_s = max(batch_window_ms, 0.0) / 1000
         self.max_new_tokens = max_new_tokens
+        self.windows = {"final": engine.resolve_window(final_window), "partial": engine.resolve_window(partial_window)}
+        self.final_deadline_s = final_deadline_ms / 1000
+        self._cost = {"final": 0.0, "partial": 0.0}  # moving average of seconds per request, by kind
+        self._overloaded_since: float | None = None
+        self.started_at = time.monotonic()
+        self._episode_worst = 0.0
         self._pending: list[_Request] = []
         self._finals_pending = 0  # read without the lock by the decode loop's should_stop
         self._condition = threading.Condition()
@@ -158,24 +196,32 @@ class EngineWorker:
 
     # -- requests -----------------------------------------------------------------------------------
     def submit(
-        self, audio: np.ndarray, targets: Sequence[Target], kind: str = "final", *, key: Hashable | None = None
+        self, audio: np.ndarray, targets: Sequence[Target], kind: str = "final", *, key: Hashable | None = None,
+        drafts: Sequence[list[int] | None] | None = None,
     ) -> asyncio.Future:
         """Queue a request now and return a future of the running loop for its hypotheses.
 
         Synchronous on purpose: the request is queued before the caller yields, so the worker can
         start on it at once. The future resolves to one Hypothesis per target, in target order, or
-        to None for a partial superseded by a newer one with the same ``key``.
+        to None for a partial superseded by a newer one with the same ``key``. ``drafts`` (one per
+        target, each may be None) are guesses at the tokens, e.g. the stream's previous partial:
+        they save decoder steps and never change the result.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
         if not targets:
             raise ValueError("a request needs at least one target")
+        if drafts is not None and len(drafts) != len(targets):
+            raise ValueError(f"{len(drafts)} drafts for {len(targets)} targets")
         loop = asyncio.get_running_loop()
-        request = _Request(np.asarray(audio, dtype=np.float32), list(targets), kind, key, loop, loop.create_future())
+        request = _Request(np.asarray(audio, dtype=np.float32), list(targets), kind, key, loop, loop.create_future(),
+                           [list(d) if d else None for d in drafts] if drafts is not None else None)
+        if kind == "final":
+            request.deadline = request.submitted + self.final_deadline_s
         with self._condition:
             if self._stopping:
                 raise RuntimeError("the engine worker is stopped")
-            if kind == "partial" and key is not None:
+            if key is not None:  # a newer partial, or the final of the same stream, makes pending partials moot
                 self._supersede_partials(key)
             self._pending.append(request)
             self._finals_pending += kind == "final"
@@ -183,10 +229,23 @@ class EngineWorker:
         return request.future
 
     async def transcribe(
-        self, audio: np.ndarray, targets: list[Target], kind: str = "final", *, key: Hashable | None = None
+        self, audio: np.ndarray, targets: list[Target], kind: str = "final", *, key: Hashable | None = None,
+        drafts: Sequence[list[int] | None] | None = None,
     ) -> list[Hypothesis] | None:
         """Decode ``audio`` for every target on the worker thread; see ``submit``."""
-        return await self.submit(audio, targets, kind, key=key)
+        return await self.submit(audio, targets, kind, key=key, drafts=drafts)
+
+    # -- load ---------------------------------------------------------------------------------------
+    @property
+    def overloaded(self) -> bool:
+        """True while finals miss their deadline: the server then admits no new ingest session."""
+        return self._overloaded_since is not None
+
+    def backlog_seconds(self) -> float:
+        """Estimated engine time to answer the finals queued now (moving average cost per final)."""
+        with self._condition:
+            finals = sum(r.kind == "final" for r in self._pending)
+        return finals * self._cost["final"]
 
     def _supersede_partials(self, key: Hashable) -> None:
         """Called with the lock held: answer None to pending partials with ``key``."""
@@ -210,6 +269,8 @@ class EngineWorker:
                 log.exception("engine worker batch crashed")
                 for request in batch:
                     self._fail(request, error)
+            with self._condition:  # an episode also ends when the last late final is answered
+                self._track_overload(time.monotonic(), [r for r in self._pending if r.kind == "final"])
 
     def _next_batch(self) -> list[_Request] | None:
         """Block for work; None once stopped with nothing left to do."""
@@ -224,13 +285,51 @@ class EngineWorker:
             return self._take_batch()
 
     def _take_batch(self) -> list[_Request]:
-        """Called with the lock held: finals first, then partials, oldest first within each kind."""
+        """Called with the lock held: finals by deadline, then partials if there is time for them."""
+        now = time.monotonic()
         live = [r for r in self._pending if not r.future.cancelled()]
-        ordered = [r for r in live if r.kind == "final"] + [r for r in live if r.kind == "partial"]
-        batch = ordered[: self.max_batch_utterances]
+        finals = sorted((r for r in live if r.kind == "final"), key=lambda r: (r.deadline, r.submitted))
+        partials = [r for r in live if r.kind == "partial"]
+        batch = finals[: self.max_batch_utterances]
+        self._track_overload(now, finals)
+        if partials and len(batch) < self.max_batch_utterances:
+            if self._room_for_partials(now, finals):
+                batch += partials[: self.max_batch_utterances - len(batch)]
+            else:
+                with self._stats_lock:
+                    self._stats.deferred += len(partials)
         self._pending = [r for r in live if r not in batch]
         self._finals_pending = sum(r.kind == "final" for r in self._pending)
         return batch
+
+    def _room_for_partials(self, now: float, finals: list[_Request]) -> bool:
+        """Partials run only if every queued final still meets its deadline after one more batch."""
+        if self.overloaded:
+            return False
+        if not finals:
+            return True
+        finish = now + len(finals) * self._cost["final"] + self._cost["partial"]
+        return finish <= min(r.deadline for r in finals)
+
+    def _track_overload(self, now: float, finals: list[_Request]) -> None:
+        """Enter overload when the oldest final is past its deadline; leave once no final is late
+        and the queued finals fit in half a deadline. Logged once per episode."""
+        worst = max((now - r.submitted for r in finals), default=0.0)
+        late = any(now > r.deadline for r in finals)
+        if self._overloaded_since is None:
+            if late:
+                self._overloaded_since = now
+                self._episode_worst = worst
+                with self._stats_lock:
+                    self._stats.overload_episodes += 1
+                log.warning("overloaded: %d finals queued, the oldest %.1f s (deadline %.1f s); partials paused, "
+                            "new ingest sessions refused", len(finals), worst, self.final_deadline_s)
+            return
+        self._episode_worst = max(self._episode_worst, worst)
+        if not late and len(finals) * self._cost["final"] <= self.final_deadline_s / 2:
+            log.warning("overload over after %.1f s; the longest a final waited was %.1f s",
+                        now - self._overloaded_since, self._episode_worst)
+            self._overloaded_since = None
 
     def _run(self, batch: list[_Request]) -> None:
         runnable = [r for r in batch if self._targets_ok(r)]
@@ -269,19 +368,53 @@ class EngineWorker:
 
     def _transcribe(self, batch: list[_Request]) -> list[list[Hypothesis]]:
         started = time.perf_counter()
-        encoded = self.engine.encode([r.audio for r in batch])
-        rows = [(index, target) for index, request in enumerate(batch) for target in request.targets]
+        begun = time.monotonic()
         only_partials = all(r.kind == "partial" for r in batch)
         should_stop = (lambda: self._finals_pending > 0) if only_partials else None
-        hypotheses = self.engine.decode(encoded, rows, self.max_new_tokens, should_stop)
-        step_rows = max(self.engine.last_stats.batch_sizes, default=0)
+        by_window: dict[str, list[int]] = {}
+        for index, request in enumerate(batch):
+            by_window.setdefault(self.windows[request.kind], []).append(index)
+        results: list[list[Hypothesis]] = [[] for _ in batch]
+        rows_total = step_rows = forwards = 0
+        for window, members in by_window.items():
+            rows, drafts = [], []
+            for n, index in enumerate(members):
+                request = batch[index]
+                rows += [(n, target) for target in request.targets]
+                drafts += request.drafts or [None] * len(request.targets)
+            hypotheses = run_rows(self.engine, [batch[i].audio for i in members], rows, window=window,
+                                  max_new_tokens=self.max_new_tokens, should_stop=should_stop, drafts=drafts)
+            stats = self.engine.last_stats
+            rows_total += len(rows)
+            step_rows = max(step_rows, max(stats.batch_sizes, default=0))
+            forwards += stats.steps
+            first = 0
+            for index in members:
+                count = len(batch[index].targets)
+                results[index] = hypotheses[first : first + count]
+                first += count
+        seconds = time.perf_counter() - started
+        for request, hypotheses in zip(batch, results):
+            for hypothesis in hypotheses:
+                hypothesis.queued_ms = round((begun - request.submitted) * 1000)
+                hypothesis.compute_ms = round(seconds * 1000)
+        self._learn_cost(batch, seconds)
         with self._stats_lock:
-            self._stats.record(len(batch), len(rows), step_rows, time.perf_counter() - started)
-        results, first = [], 0
-        for request in batch:
-            results.append(hypotheses[first : first + len(request.targets)])
-            first += len(request.targets)
+            self._stats.record(len(batch), rows_total, step_rows, seconds)
+            self._stats.record_decode([h for hyps in results for h in hyps], forwards)
+            for request in batch:
+                if request.kind == "final":
+                    self._stats.max_final_wait_seconds = max(self._stats.max_final_wait_seconds,
+                                                             begun - request.submitted)
         return results
+
+    def _learn_cost(self, batch: list[_Request], seconds: float) -> None:
+        """Moving average of engine seconds per request, split between the kinds of the batch."""
+        per_request = seconds / len(batch)
+        for kind in KINDS:
+            if any(r.kind == kind for r in batch):
+                old = self._cost[kind]
+                self._cost[kind] = per_request if old == 0 else old + _COST_SMOOTHING * (per_request - old)
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         with self._stats_lock:

@@ -1,0 +1,146 @@
+"""The worker's deadline scheduler under synthetic load, on a fake engine with a known cost.
+
+The fake engine sleeps ``cost`` seconds per request and records which requests it ran, so ordering,
+pausing of partials and the overload state can be asserted without a model (and without timing
+assertions: the tests compare orders and states, not speeds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from streamsed.core.languages import Target
+from streamsed.engine.engine import DecodeStats, EncodedBatch, Hypothesis
+from streamsed.engine.worker import EngineWorker
+
+T = [Target("en", "en")]
+
+
+@dataclass
+class FakeEngine:
+    """Encodes instantly, 'decodes' by sleeping ``cost`` per request; the text is the request's id."""
+
+    cost: float = 0.05
+    ran: list[str] = field(default_factory=list)
+    batches: list[list[str]] = field(default_factory=list)
+    last_stats: DecodeStats = field(default_factory=DecodeStats)
+
+    def resolve_window(self, window):
+        return "exact"
+
+    def check_target(self, target):
+        pass
+
+    def encode(self, audios, window="exact"):
+        import torch
+
+        ids = [str(int(a[0])) for a in audios]
+        self.batches.append(ids)
+        return EncodedBatch(torch.zeros(len(audios), 1, 1), None, [1.0] * len(audios), window, [1] * len(audios))
+
+    def decode(self, encoded, rows, max_new_tokens=None, should_stop=None, drafts=None):
+        time.sleep(self.cost * len(encoded))
+        ids = self.batches[-1]
+        self.ran.extend(ids)
+        self.last_stats = DecodeStats(steps=1, rows=len(rows), batch_sizes=[len(rows)])
+        return [Hypothesis([], ids[u], target) for u, target in rows]
+
+
+def audio(request_id: int) -> np.ndarray:
+    return np.full(160, request_id, dtype=np.float32)
+
+
+async def test_finals_go_first_in_deadline_order_then_partials():
+    engine = FakeEngine(cost=0.01)
+    worker = EngineWorker(engine, max_batch_utterances=1, batch_window_ms=0)
+    partial = worker.submit(audio(1), T, "partial", key="a")
+    finals = [worker.submit(audio(i), T, "final") for i in (2, 3, 4)]
+    worker.start()
+    try:
+        await asyncio.gather(partial, *finals)
+    finally:
+        worker.stop()
+    assert engine.ran == ["2", "3", "4", "1"]  # finals by deadline (= arrival order), the partial last
+    assert all(h[0].queued_ms >= 0 and h[0].compute_ms >= 0 for h in [await f for f in finals])
+
+
+async def test_partials_pause_while_finals_would_miss_their_deadline():
+    # Each request costs 0.2 s and finals are due 0.5 s after arrival: with three finals queued
+    # there is no room for a partial in their batch, although the batch has free slots.
+    engine = FakeEngine(cost=0.2)
+    worker = EngineWorker(engine, max_batch_utterances=4, batch_window_ms=50, final_deadline_ms=500)
+    worker.start()
+    try:
+        await worker.transcribe(audio(0), T, "final")  # teaches the worker what a final costs
+        finals = [worker.submit(audio(i), T, "final") for i in (1, 2, 3)]
+        partial = worker.submit(audio(9), T, "partial", key="s")
+        await asyncio.gather(*finals, partial)
+    finally:
+        worker.stop()
+    assert engine.batches == [["0"], ["1", "2", "3"], ["9"]]
+    assert worker.stats.deferred > 0  # the partial was considered and left queued
+
+
+async def test_partials_fill_spare_capacity_next_to_finals():
+    engine = FakeEngine(cost=0.01)
+    worker = EngineWorker(engine, max_batch_utterances=4, batch_window_ms=0, final_deadline_ms=5000)
+    futures = [worker.submit(audio(1), T, "final"), worker.submit(audio(2), T, "partial", key="x")]
+    worker.start()
+    try:
+        await asyncio.gather(*futures)
+    finally:
+        worker.stop()
+    assert engine.batches == [["1", "2"]] and worker.stats.deferred == 0
+
+
+async def test_a_late_final_starts_an_overload_episode_logged_once(caplog):
+    engine = FakeEngine(cost=0.15)
+    worker = EngineWorker(engine, max_batch_utterances=1, batch_window_ms=0, final_deadline_ms=200)
+    seen = []
+    with caplog.at_level(logging.WARNING, logger="streamsed.engine.worker"):
+        worker.start()
+        try:
+            futures = [worker.submit(audio(i), T, "final") for i in range(6)]
+            partials = [worker.submit(audio(10 + i), T, "partial", key=i) for i in range(2)]
+            while not all(f.done() for f in futures):
+                seen.append(worker.overloaded)
+                await asyncio.sleep(0.02)
+            await asyncio.gather(*partials)
+        finally:
+            worker.stop()
+    assert True in seen  # finals 2.. waited past 0.2 s
+    assert not worker.overloaded  # and it ended once they were answered
+    assert worker.stats.overload_episodes == 1
+    starts = [r for r in caplog.records if r.getMessage().startswith("overloaded:")]
+    ends = [r for r in caplog.records if r.getMessage().startswith("overload over")]
+    assert len(starts) == 1 and len(ends) == 1
+    assert engine.ran[:6] == [str(i) for i in range(6)]  # partials only after the backlog
+    assert worker.stats.max_final_wait_seconds > 0.2
+
+
+@pytest.mark.parametrize("deadline", [0, -5])
+def test_the_deadline_must_be_positive(deadline):
+    with pytest.raises(ValueError, match="final_deadline_ms"):
+        EngineWorker(FakeEngine(), final_deadline_ms=deadline)
+
+
+async def test_an_overload_episode_ends_when_the_queue_drains_even_if_nothing_else_comes():
+    engine = FakeEngine(cost=0.15)
+    worker = EngineWorker(engine, max_batch_utterances=1, batch_window_ms=0, final_deadline_ms=100)
+    worker.start()
+    try:
+        futures = [worker.submit(audio(i), T, "final") for i in range(4)]
+        seen = []
+        while not all(f.done() for f in futures):
+            seen.append(worker.overloaded)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)  # the worker is idle now, waiting for work
+        assert True in seen and not worker.overloaded  # new streams are admitted again
+    finally:
+        worker.stop()
