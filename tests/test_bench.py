@@ -14,7 +14,8 @@ import pytest
 from streamsed.bench import decode as bench
 from streamsed.cli import main
 
-CONTENDERS = ("engine", "generate", "ct2_float32", "ct2_int8")
+CONTENDERS = ("engine", "engine_drafts", "generate", "ct2_float32", "ct2_int8", "final_generate", "final_engine",
+              "final_drafts")
 
 
 def test_generated_strips_echoed_prompt_and_stops_at_eos():
@@ -74,9 +75,45 @@ def test_bench_decode_end_to_end(tmp_path, capsys):
     assert data["texts_identical_engine_generate"] is True
     assert engine["tokens"] == generate["tokens"] == engine["decode_stats"]["tokens"]
     assert engine["decode_stats"]["steps"] > 0
+    drafted = data["contenders"]["engine_drafts"]  # the last partial as draft: same text, fewer forwards
+    assert drafted["texts"] == engine["texts"] and drafted["same_text_as_engine"]
+    assert 0 < drafted["draft_stats"]["draft_accepted"] <= drafted["draft_stats"]["draft_offered"]
+    assert drafted["draft_stats"]["steps"] < engine["decode_stats"]["steps"]
+    one, one_drafted = data["contenders"]["final_generate"], data["contenders"]["final_drafts"]
+    assert one_drafted["texts"] == one["texts"] and one["window"] == "fast"  # finals on the daemon's default window
+    assert one_drafted["draft_stats"]["draft_accepted"] > 0
     assert "good morning" in engine["texts"][0].lower()
     assert data["contenders"]["ct2_float32"]["intra_threads"] >= 1
 
     printed = capsys.readouterr().out
     assert "| streamsed engine |" in printed and "| transformers generate() |" in printed
     assert "WARNING" not in printed
+
+
+def test_bench_load_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
+    """Starts the real daemon, streams 1 then 2 real-time clients, writes JSON and a PNG."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    import soundfile as sf
+
+    audio = bench.synthesize_speech(["Hello there.", "Good morning."], silence_s=0.8)
+    wav = tmp_path / "talk.wav"
+    sf.write(wav, audio, 16000)
+    out, png = tmp_path / "load.json", tmp_path / "load.png"
+    assert main(["bench", "load", "--model", str(tiny_model_dir), "--audio", str(wav), "--streams", "1,2",
+                 "--json", str(out), "--plot", str(png)]) == 0
+    data = json.loads(out.read_text())
+    assert data["u_seconds"] > 0 and [level["streams"] for level in data["levels"]] == [1, 2]
+    for level in data["levels"]:
+        assert level["refused"] == 0
+        assert level["segments"] == 2 * level["streams"]  # every segment of every stream got its final
+        assert level["final_lag_p50"] is not None and level["final_lag_max"] >= level["final_lag_p50"]
+        assert 0 <= level["engine_busy"] <= 1 and level["rss_mb"] > 0
+    assert data["engine"]["requests"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| streams |" in capsys.readouterr().out
+
+
+def test_bench_load_rejects_bad_stream_counts(capsys):
+    assert main(["bench", "load", "--streams", "1,x"]) == 2
+    assert "--streams" in capsys.readouterr().err

@@ -72,11 +72,11 @@ async def stream_pcm(session, pcm: bytes, bytes_per_chunk: int, pace=None):
     await session.finish()
 
 
-def offline_finals(engine, audio, targets):
-    """What ``streamsed translate`` produces: (segment, start, end, target_lang, text) rows."""
+def offline_finals(engine, audio, targets, window="exact"):
+    """What ``streamsed translate --window W`` produces: (segment, start, end, target_lang, text) rows."""
     rows = []
     for segment in segment_audio(engine, audio):
-        for hypothesis in engine.transcribe([segment.audio], targets)[0]:
+        for hypothesis in engine.transcribe([segment.audio], targets, window=window)[0]:
             rows.append((segment.segment, round(samples_to_seconds(segment.start), 3),
                          round(samples_to_seconds(segment.end), 3), hypothesis.target.target_lang, hypothesis.text))
     return rows
@@ -394,3 +394,28 @@ async def test_feed_waits_when_finals_pile_up(tiny_engine):
     finals = [e for e in events if e["type"] == "final"]
     assert [f["segment"] for f in finals] == list(range(sum(e["type"] == "speech_end" for e in events)))
     assert len(finals) >= MAX_FINALS_IN_FLIGHT + 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", ["exact", "fast"])
+async def test_live_finals_equal_offline_on_either_window(whisper_base, english, window):
+    """Window policy: with final_window = W, live finals equal `streamsed translate --window W`; the
+    partials (fast window) are drafts for the finals and change nothing in them."""
+    from streamsed.engine.offline import translate_segments
+
+    worker = EngineWorker(whisper_base, final_window=window, partial_window="fast")
+    worker.start()
+    try:
+        events = []
+        session = StreamSession(SessionOptions("w"), worker, whisper_base, events.append)
+        await stream_pcm(session, to_s16(english), 3200, pace=session.wait_partial)
+    finally:
+        await asyncio.to_thread(worker.stop)
+    finals = [e for e in events if e["type"] == "final"]
+    audio = pcm_to_float32(to_s16(english))
+    offline = list(translate_segments(whisper_base, segment_audio(whisper_base, audio), [Target("en", "en")],
+                                      window=window))
+    assert [(f["segment"], f["start"], f["end"], f["text"]) for f in finals] == \
+        [(r.segment, r.start, r.end, r.text) for r in offline]
+    assert {f["window"] for f in finals} == {window}
+    assert worker.stats.draft_offered > 0 and worker.stats.draft_accepted > 0  # the partials were drafts

@@ -197,6 +197,31 @@ def engine_decode(engine, encoded: list, target) -> tuple[list[list[int]], dict]
     return tokens, stats
 
 
+PARTIAL_LAG_S = 0.5  # a final's draft is the last partial: the segment minus its last chunk_ms
+
+
+def partial_drafts(engine, audio_batches: list, target) -> list[list[list[int]]]:
+    """What a live session holds when a segment closes: the tokens of its last partial, decoded
+    from the segment minus its last ``PARTIAL_LAG_S`` on the fast window (partials' default)."""
+    cut = int(PARTIAL_LAG_S * engine.sample_rate)
+    drafts = []
+    for batch in audio_batches:
+        heads = [a[: max(len(a) - cut, cut)] for a in batch]
+        encoded = engine.encode(heads, "fast")
+        drafts.append([h.tokens for h in engine.decode(encoded, [(i, target) for i in range(len(heads))])])
+    return drafts
+
+
+def engine_draft_decode(engine, encoded: list, target, drafts: list) -> tuple[list[list[int]], dict]:
+    """``Engine.decode`` with each segment's partial as draft; tokens must equal the plain decode."""
+    tokens, stats = [], {"steps": 0, "draft_offered": 0, "draft_accepted": 0}
+    for enc, batch_drafts in zip(encoded, drafts):
+        tokens += [h.tokens for h in engine.decode(enc, [(i, target) for i in range(len(enc))], drafts=batch_drafts)]
+        for key in stats:
+            stats[key] += getattr(engine.last_stats, key)
+    return tokens, stats
+
+
 def generate_decode(engine, encoded: list, target) -> list[list[int]]:
     """``model.generate`` greedy on the engine's encoder output (``encoder_outputs=``), batch by batch."""
     import torch
@@ -260,9 +285,19 @@ def run_contenders(engine, audio_batches: list, target, ct2_dir: Path | None, re
         encoders[f"ct2_{ct}"] = lambda model=model: ct2_encode(model, engine, audio_batches)
     enc = time_interleaved(encoders, repeat, sync)
 
+    drafts = partial_drafts(engine, audio_batches, target)
+    # Live finals are decoded one by one as their utterances end: the same segments, batch size 1, on
+    # the window the daemon uses for finals by default (auto: fast on CPU), generate() on the same states.
+    singles = [[a] for batch in audio_batches for a in batch]
+    single_encoded = [engine.encode(b, "auto") for b in singles]
+    single_drafts = partial_drafts(engine, singles, target)
     decoders = {
         "engine": lambda: engine_decode(engine, enc["torch"].result, target),
+        "engine_drafts": lambda: engine_draft_decode(engine, enc["torch"].result, target, drafts),
         "generate": lambda: generate_decode(engine, enc["torch"].result, target),
+        "final_generate": lambda: generate_decode(engine, single_encoded, target),
+        "final_engine": lambda: engine_decode(engine, single_encoded, target),
+        "final_drafts": lambda: engine_draft_decode(engine, single_encoded, target, single_drafts),
     }
     for ct, model in ct2_models.items():
         decoders[f"ct2_{ct}"] = lambda key=f"ct2_{ct}", model=model: ct2_decode(model, enc[key].result, prompt)
@@ -273,13 +308,28 @@ def run_contenders(engine, audio_batches: list, target, ct2_dir: Path | None, re
     stats["ms_per_token"] = 1000 * stats["seconds"] / max(stats["tokens"], 1)
     stats["max_batch_size"] = max(stats["batch_sizes"], default=0)
     threads = {"intra_threads": torch.get_num_threads(), "inter_threads": 1}
+    draft_tokens, draft_stats = dec["engine_drafts"].result
+    final_tokens, final_stats = dec["final_engine"].result
+    final_draft_tokens, final_draft_stats = dec["final_drafts"].result
+    window = single_encoded[0].window
+    finals = {
+        "final_generate": (f"finals one by one ({window} window): generate()", enc["torch"],
+                           dec["final_generate"].result, {"window": window}),
+        "final_engine": (f"finals one by one ({window} window): engine", enc["torch"], final_tokens,
+                         {"decode_stats": {"steps": final_stats["steps"]}, "window": window}),
+        "final_drafts": (f"finals one by one ({window} window): engine, last partial as draft", enc["torch"],
+                         final_draft_tokens, {"draft_stats": final_draft_stats, "window": window}),
+    }
     outputs = {
         "engine": ("streamsed engine", enc["torch"], engine_tokens, {"decode_stats": stats}),
+        "engine_drafts": ("streamsed engine, last partial as draft", enc["torch"], draft_tokens,
+                          {"draft_stats": draft_stats}),
         "generate": ("transformers generate()", enc["torch"], dec["generate"].result, {}),
         **{
             f"ct2_{ct}": (f"ctranslate2 {ct}", enc[f"ct2_{ct}"], dec[f"ct2_{ct}"].result, {"compute_type": ct, **threads})
             for ct in ct2_models
         },
+        **finals,
     }
     decode = lambda ids: [engine.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]  # noqa: E731
     return {
@@ -343,20 +393,22 @@ def _load_text(info: dict) -> str:
 
 
 def markdown_table(contenders: dict[str, Contender], engine_texts: list[str]) -> str:
-    base = contenders["generate"]
-    base_total = base.encoder_seconds + base.decode_seconds
     lines = [
         "| contender | encoder (s) | decode (s) | decode vs generate() | encoder+decode vs generate() "
-        "| tokens | decode ms/token | text = engine |",
+        "| tokens | decode ms/token | text = engine (finals: = generate()) |",
         "|---|--:|--:|--:|--:|--:|--:|:-:|",
     ]
     for key, c in contenders.items():
+        # Rows "finals one by one" decode each segment alone: their baseline is generate() alone too.
+        base = contenders["final_generate"] if key.startswith("final_") else contenders["generate"]
+        base_total = base.encoder_seconds + base.decode_seconds
         total = c.encoder_seconds + c.decode_seconds
-        ratio = "1.00x (baseline)" if key == "generate" else f"{c.decode_seconds / base.decode_seconds:.2f}x"
+        baseline = key in ("generate", "final_generate")
+        ratio = "1.00x (baseline)" if baseline else f"{c.decode_seconds / base.decode_seconds:.2f}x"
         lines.append(
             f"| {c.label} | {c.encoder_seconds:.3f} | {c.decode_seconds:.3f} | {ratio} | {total / base_total:.2f}x "
             f"| {c.token_count} | {1000 * c.decode_seconds / max(c.token_count, 1):.1f} "
-            f"| {'yes' if c.texts == engine_texts else 'no'} |"
+            f"| {'yes' if c.texts == (base.texts if key.startswith('final_') else engine_texts) else 'no'} |"
         )
     return "\n".join(lines)
 
@@ -407,6 +459,23 @@ def report(info, audio_info, repeat, contenders: dict[str, Contender]) -> str:
         f"of generate(); {stats['steps']} batched decoder steps (up to {stats['max_batch_size']} rows), "
         f"{stats['ms_per_step']:.1f} ms/step, {stats['ms_per_token']:.1f} ms per generated token (DecodeStats)",
     ]
+    drafted = contenders["engine_drafts"]
+    ds = drafted.extra["draft_stats"]
+    lines.append(
+        f"engine with drafts: {drafted.decode_seconds / generate.decode_seconds:.2f}x the decode time of generate(); "
+        f"{ds['draft_accepted']} of {ds['draft_offered']} draft tokens accepted, {ds['steps']} decoder forwards "
+        f"(without drafts {stats['steps']}); drafts = each segment's last partial "
+        f"(segment minus its last {PARTIAL_LAG_S} s, fast window)"
+    )
+    one, drafted_one = contenders["final_generate"], contenders["final_drafts"]
+    fs = drafted_one.extra["draft_stats"]
+    lines.append(
+        f"finals one by one (each segment alone, as the daemon decodes a final when its utterance ends): "
+        f"engine with the last partial as draft {drafted_one.decode_seconds / one.decode_seconds:.2f}x the decode "
+        f"time of generate() on the same segments ({fs['draft_accepted']} of {fs['draft_offered']} draft tokens "
+        f"accepted, {fs['steps']} decoder forwards; engine without drafts "
+        f"{contenders['final_engine'].decode_seconds / one.decode_seconds:.2f}x)"
+    )
     ct2 = [c for key, c in contenders.items() if key.startswith("ct2_")]
     if ct2:
         lines.append(

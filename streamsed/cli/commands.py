@@ -31,13 +31,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="output language(s), comma-separated, e.g. en or de,en (default: same as source = transcribe)",
     )
     translate.add_argument("--format", choices=FORMATS, default="text", help="output format (default: text)")
+    translate.add_argument(
+        "--window", choices=["exact", "fast", "auto"], default="auto",
+        help="encoder window (default: auto = fast on CPU, exact on CUDA, as the daemon's [model] final_window)",
+    )
+    translate.add_argument("--window-margin", type=float, default=5.0,
+                           help="seconds kept after the audio in the fast window (default 5, as [model] window_margin_s)")
 
     bench = commands.add_parser("bench", help="benchmarks (see bench/README.md)")
-    bench.add_argument("suite", choices=["decode"], help="decode: engine vs generate() vs faster-whisper")
+    bench.add_argument("suite", choices=["decode", "window", "load"],
+                       help="decode: engine vs generate() vs faster-whisper; window: WER and encoder time, exact vs "
+                            "fast; load: N real-time streams against the daemon")
     add_model_options(bench)
     bench.add_argument("--audio", default=None, help="audio file (default: synthesized English speech)")
     bench.add_argument("--repeat", type=int, default=3, help="timed runs per contender (best is reported)")
     bench.add_argument("--json", dest="json_path", default=None, help="also write results as JSON here")
+    bench.add_argument("--streams", default="1,2,4,8", help="load: concurrent stream counts (default 1,2,4,8)")
+    bench.add_argument("--duration", type=float, default=None,
+                       help="load: seconds each stream talks (the file repeats; default: the file once)")
+    bench.add_argument("--url", default=None, help="load: a running daemon (default: start one)")
+    bench.add_argument("--config", default=None, help="load: settings file for the daemon it starts")
+    bench.add_argument("--plot", default=None, help="load: write a PNG plot of lag vs streams here")
+    bench.add_argument("--margins", default="0,1,2,3,5,8", help="window: fast-window margins in seconds")
 
     serve = commands.add_parser("serve", help="run the streaming daemon (websockets; see docs/protocol.md)")
     serve.add_argument(
@@ -47,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="websockets and HTTP port (default 8765; 0 = any free)")
     serve.add_argument("--model", default=None, help="model reference (default: whisper-base)")
     serve.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
+    serve.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16", "int8"])
     serve.add_argument(
         "--log-level", dest="serve_log_level", default=None, help="debug, info (default), warning or error"
     )
@@ -67,7 +82,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model reference (default: {DEFAULT_MODEL})")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "int8"])
 
 
 def run_translate(args) -> int:
@@ -83,12 +98,12 @@ def run_translate(args) -> int:
     if args.format in ("srt", "vtt") and len(targets) > 1:
         raise UserError(f"--format {args.format} takes one target language; use jsonl for several")
     audio, _ = load_audio_file(args.audio)  # check the input before the (slow) model load
-    engine = load_engine(args.model, device=args.device, dtype=args.dtype)
+    engine = load_engine(args.model, device=args.device, dtype=args.dtype, window_margin_s=args.window_margin)
     resolved = resolve_targets(engine, source, targets)
     segments = segment_audio(engine, audio)
     if not segments:
         log.warning("no speech found in %s", args.audio)
-    results = list(translate_segments(engine, segments, resolved))
+    results = list(translate_segments(engine, segments, resolved, window=args.window))
     sys.stdout.write(format_results(results, args.format))
     return 0
 
@@ -132,6 +147,21 @@ def run_serve(args) -> int:
 
 
 def run_bench(args) -> int:
+    if args.suite == "load":
+        from ..bench.load import run_load_bench
+
+        return run_load_bench(args)
+    if args.suite == "window":
+        from ..bench.window import format_report, run_window_bench
+
+        device = args.device if args.device != "auto" else "cpu"
+        dtype = "int8" if args.dtype == "int8" else "float32"
+        try:
+            margins = [float(m) for m in args.margins.split(",")]
+        except ValueError:
+            raise UserError(f"--margins takes seconds separated by commas, e.g. 2,5; got {args.margins!r}") from None
+        print(format_report(run_window_bench(args.model, device, margins, json_path=args.json_path, dtype=dtype)))
+        return 0
     from ..bench.decode import run_decode_bench
 
     return run_decode_bench(args)
