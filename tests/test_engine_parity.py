@@ -343,3 +343,22 @@ def test_int8_quantizes_the_linear_layers_on_cpu_only():
     with unittest.mock.patch("torch.cuda.is_available", return_value=True):  # as if a GPU were there
         with pytest.raises(ModelUnavailable, match="CPU only"):
             resolve_device("cuda", "int8")
+
+
+def test_whisper_length_limit_from_the_generation_config_like_generate():
+    """Whisper's generate() does not count the prompt in a config max_length (unlike other models)."""
+    model, fe, tokenizer = tm.tiny_whisper()
+    model.generation_config.max_length = 10
+    model.generation_config.max_new_tokens = None
+    engine = engine_from_model(model, fe, tokenizer, device="cpu")
+    audios = [tm.noise_audio(1.0, 99), tm.noise_audio(1.7, 100)]
+    inputs = engine.feature_inputs(audios)
+    with torch.inference_mode():
+        out = model.generate(inputs["input_features"], language="de", task="transcribe", num_beams=1, do_sample=False)
+    eos = model.generation_config.eos_token_id
+    expected = [[t for t in row if t != eos] for row in out.tolist()]
+    got = [h[0].tokens for h in engine.transcribe(audios, [Target("de", "de")])]
+    assert got == expected and max(len(t) for t in got) == 10
+    drafted = engine.decode(engine.encode(audios), [(0, Target("de", "de")), (1, Target("de", "de"))],
+                            drafts=[expected[0] + [5, 6, 7], [-1, 10**9]])  # over-long; ids no model has
+    assert [h.tokens for h in drafted] == expected

@@ -144,3 +144,20 @@ async def test_an_overload_episode_ends_when_the_queue_drains_even_if_nothing_el
         assert True in seen and not worker.overloaded  # new streams are admitted again
     finally:
         worker.stop()
+
+
+async def test_a_batch_with_a_final_takes_only_the_partials_that_fit_its_deadline():
+    engine = FakeEngine(cost=0.1)
+    worker = EngineWorker(engine, max_batch_utterances=16, batch_window_ms=50, final_deadline_ms=500)
+    worker.start()
+    try:
+        await worker.transcribe(audio(0), T, "final")  # teaches the costs: 0.1 s a final
+        await worker.transcribe(audio(1), T, "partial", key="warm")  # and 0.1 s a partial
+        futures = [worker.submit(audio(2), T, "final")]
+        futures += [worker.submit(audio(10 + i), T, "partial", key=i) for i in range(10)]
+        await asyncio.gather(*futures)
+    finally:
+        worker.stop()
+    with_final = next(b for b in engine.batches if "2" in b)
+    assert 1 <= len(with_final) - 1 <= 4  # about (0.5 s - 0.05 s - 0.1 s) / 0.1 s partials, not all 10
+    assert sorted(engine.ran[2:], key=int) == ["2"] + [str(10 + i) for i in range(10)]  # the rest ran later

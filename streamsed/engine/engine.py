@@ -315,7 +315,7 @@ class Engine:
         if max_new_tokens is not None:
             max_length = input_length + max_new_tokens
         elif config.max_length is not None:
-            max_length = config.max_length
+            max_length = self.family.config_max_length(config.max_length, prompt)
         else:  # generate()'s default when a config sets no length: 20 new tokens
             max_length = input_length + GENERATE_DEFAULT_NEW_TOKENS
         max_length = min(max_length, self.family.max_target_positions)
@@ -326,9 +326,10 @@ class Engine:
         input_length = prompt_length - self.family.forced_prompt_tokens(prompts[0])
         max_length, max_new = self._length_budget(prompts[0], max_new_tokens)
         processors = self._logits_processors(prompt_length, input_length, max_length)
-        eos = torch.tensor(self.family.eos_token_ids, device=self.device)
+        eos = torch.tensor(self.family.eos_token_ids, dtype=torch.long, device=self.device)
         results = [_Row() for _ in prompts]
-        drafts = [d[:max_new] for d in drafts] if drafts else [[] for _ in prompts]
+        vocab = self.family.vocab_size
+        drafts = [_valid_prefix(d, vocab)[:max_new] for d in drafts] if drafts else [[] for _ in prompts]
         for row, draft in zip(results, drafts):
             row.draft_offered = len(draft)
         loop = _Loop(self, processors, eos, stats, should_stop)
@@ -528,6 +529,14 @@ class _Loop:
                 ragged.select(keep)
                 live = [live[i] for i in keep]
             step_input = torch.tensor([[t] for t in tokens], device=device)
+
+
+def _valid_prefix(draft: list[int], vocab: int) -> list[int]:
+    """The draft up to its first id that is not a token of the model (a draft is only a guess)."""
+    for i, token in enumerate(draft):
+        if not 0 <= token < vocab:
+            return draft[:i]
+    return draft
 
 
 @dataclass

@@ -90,10 +90,18 @@ class Family(ABC):
     def max_target_positions(self) -> int:
         return 448
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.get_text_config().vocab_size)
+
     def forced_prompt_tokens(self, prompt: list[int]) -> int:
         """How many prompt tokens ``generate`` forces through a logits processor rather than
         receiving as decoder input; they count against ``max_new_tokens`` there, so here too."""
         return 0
+
+    def config_max_length(self, max_length: int, prompt: list[int]) -> int:
+        """The total length ``generate`` allows when only the generation config's ``max_length`` is set."""
+        return max_length
 
     def needs_detection(self, target: Target) -> bool:
         """Whether the source language of ``target`` must be detected from the audio first."""
@@ -155,6 +163,11 @@ class WhisperFamily(Family):
     @property
     def max_target_positions(self) -> int:
         return int(self.model.config.max_target_positions)
+
+    def config_max_length(self, max_length: int, prompt: list[int]) -> int:
+        # WhisperGenerationMixin._set_max_new_tokens_and_length: the prompt does not count there.
+        positions = self.max_target_positions
+        return min(max_length + min(positions // 2 - 1, len(prompt)), positions)
 
     @property
     def fixed_window_s(self) -> float | None:

@@ -270,7 +270,8 @@ class EngineWorker:
                 for request in batch:
                     self._fail(request, error)
             with self._condition:  # an episode also ends when the last late final is answered
-                self._track_overload(time.monotonic(), [r for r in self._pending if r.kind == "final"])
+                finals = [r for r in self._pending if r.kind == "final" and not r.future.cancelled()]
+                self._track_overload(time.monotonic(), finals)
 
     def _next_batch(self) -> list[_Request] | None:
         """Block for work; None once stopped with nothing left to do."""
@@ -293,27 +294,31 @@ class EngineWorker:
         batch = finals[: self.max_batch_utterances]
         self._track_overload(now, finals)
         if partials and len(batch) < self.max_batch_utterances:
-            if self._room_for_partials(now, finals):
-                batch += partials[: self.max_batch_utterances - len(batch)]
-            else:
+            room = min(self._room_for_partials(now, finals), self.max_batch_utterances - len(batch))
+            batch += partials[:room]
+            if room < len(partials):
                 with self._stats_lock:
-                    self._stats.deferred += len(partials)
+                    self._stats.deferred += len(partials) - room
         self._pending = [r for r in live if r not in batch]
         self._finals_pending = sum(r.kind == "final" for r in self._pending)
         return batch
 
-    def _room_for_partials(self, now: float, finals: list[_Request]) -> bool:
-        """Partials run only if every queued final still meets its deadline after one more batch."""
+    def _room_for_partials(self, now: float, finals: list[_Request]) -> int:
+        """How many partials may join: as many as keep every queued final within its deadline
+        (a batch with a final in it is never preempted, so its partials delay the final)."""
         if self.overloaded:
-            return False
+            return 0
         if not finals:
-            return True
-        finish = now + len(finals) * self._cost["final"] + self._cost["partial"]
-        return finish <= min(r.deadline for r in finals)
+            return self.max_batch_utterances
+        slack = min(r.deadline for r in finals) - now - len(finals) * self._cost["final"]
+        if slack <= 0:
+            return 0
+        cost = self._cost["partial"]
+        return self.max_batch_utterances if cost == 0 else int(slack // cost)
 
     def _track_overload(self, now: float, finals: list[_Request]) -> None:
-        """Enter overload when the oldest final is past its deadline; leave once no final is late
-        and the queued finals fit in half a deadline. Logged once per episode."""
+        """Enter overload when the oldest final is past its deadline; leave once no final is late and
+        the oldest queued final has waited at most half a deadline. Logged once per episode."""
         worst = max((now - r.submitted for r in finals), default=0.0)
         late = any(now > r.deadline for r in finals)
         if self._overloaded_since is None:
@@ -326,7 +331,7 @@ class EngineWorker:
                             "new ingest sessions refused", len(finals), worst, self.final_deadline_s)
             return
         self._episode_worst = max(self._episode_worst, worst)
-        if not late and len(finals) * self._cost["final"] <= self.final_deadline_s / 2:
+        if not late and worst <= self.final_deadline_s / 2:
             log.warning("overload over after %.1f s; the longest a final waited was %.1f s",
                         now - self._overloaded_since, self._episode_worst)
             self._overloaded_since = None
