@@ -400,10 +400,15 @@ class Engine:
         """Greedy choices along a verified draft: (tokens of the draft accepted, the next token, or
         None when the row ends there). ``logits[j]`` predicts the token after prompt + draft[:j]."""
         sequence = torch.tensor([prompt + draft], device=logits.device)
+        positions = min(len(draft), max_new - 1) + 1  # draft positions that can matter, plus the next
+        choices = _batched_choices(processors, sequence, len(prompt), logits[:positions])
         accepted = 0
         while accepted < max_new:
-            scores = processors(sequence[:, : len(prompt) + accepted], logits[accepted : accepted + 1])
-            choice = int(scores.argmax(dim=-1))
+            if choices is not None:
+                choice = choices[accepted]
+            else:
+                scores = processors(sequence[:, : len(prompt) + accepted], logits[accepted : accepted + 1])
+                choice = int(scores.argmax(dim=-1))
             if choice in eos_ids:
                 return accepted, None
             if accepted < len(draft) and choice == draft[accepted]:
@@ -529,6 +534,21 @@ class _Loop:
                 ragged.select(keep)
                 live = [live[i] for i in keep]
             step_input = torch.tensor([[t] for t in tokens], device=device)
+
+
+def _batched_choices(processors, sequence, prompt_length: int, logits) -> list[int] | None:
+    """All greedy choices along a draft in one processors call, when the processors allow it: token
+    suppression is the same at every position, and begin-suppression fires only right after the
+    prompt (position 0, scored on its own). None: score position by position instead."""
+    if not all(type(p) in (SuppressTokensLogitsProcessor, SuppressTokensAtBeginLogitsProcessor) for p in processors):
+        return None
+    if any(type(p) is SuppressTokensAtBeginLogitsProcessor and p.begin_index != prompt_length for p in processors):
+        return None
+    first = processors(sequence[:, :prompt_length], logits[:1])
+    rest = logits[1:]
+    if len(rest):  # any length other than the begin index: only plain suppression applies
+        rest = processors(sequence[:, : prompt_length + 1].expand(len(rest), -1), rest)
+    return torch.cat([first, rest]).argmax(dim=-1).tolist()
 
 
 def _valid_prefix(draft: list[int], vocab: int) -> list[int]:
