@@ -117,3 +117,26 @@ def test_bench_load_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsys)
 def test_bench_load_rejects_bad_stream_counts(capsys):
     assert main(["bench", "load", "--streams", "1,x"]) == 2
     assert "--streams" in capsys.readouterr().err
+
+
+def test_bench_window_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
+    """Runs on every clip (the ALSA recordings and espeak-ng utterances) and reports each window."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    from streamsed.bench.window import normalize
+
+    assert normalize("Front, Center.") == normalize("front center") == "front center"
+    out = tmp_path / "window.json"
+    assert main(["bench", "window", "--model", str(tiny_model_dir), "--margins", "2,5", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["window"] for r in data["results"]] == ["exact (30 s)", "fast +2 s", "fast +5 s"]
+    assert len(data["clips"]) == 16 and sum(c["name"].startswith("alsa/") for c in data["clips"]) == 8
+    for result in data["results"]:
+        assert len(result["texts"]) == 16 and result["wer"] >= 0 and result["encoder_seconds"] > 0
+    assert data["results"][0]["encoder_vs_exact"] == 1.0
+    out8 = tmp_path / "int8.json"
+    assert main(["bench", "window", "--model", str(tiny_model_dir), "--dtype", "int8", "--json", str(out8)]) == 0
+    rows = json.loads(out8.read_text())["results"]
+    assert [(r["dtype"], r["window"]) for r in rows] == [("float32", "exact (30 s)"), ("int8", "exact (30 s)"),
+                                                          ("float32", "fast +5 s"), ("int8", "fast +5 s")]
+    assert "| int8 fast +5 s |" in capsys.readouterr().out

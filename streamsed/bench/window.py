@@ -22,12 +22,7 @@ import numpy as np
 
 ALSA_DIR = Path("/usr/share/sounds/alsa")
 MARGINS = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0)
-SENTENCES = (
-    "Good morning, and welcome to the weekly project meeting.",
-    "The new release fixes three bugs in the audio pipeline.",
-    "Please send your questions to the support team before Friday.",
-    "The weather will be sunny with a light breeze in the afternoon.",
-    "Thank you for listening, and see you next week.",
+EXTRA_SENTENCES = (  # short commands and a sentence with numbers, next to bench decode's five
     "Turn on the lights in the kitchen.",
     "What time is it?",
     "The train to Berlin leaves from platform seven at half past nine.",
@@ -61,7 +56,9 @@ def clips(voice: str = "en-us") -> list[Clip]:
     import soxr
 
     from ..core.audio import MODEL_SAMPLE_RATE
-    from .decode import synthesize_speech
+    from .decode import SENTENCES, synthesize_speech
+
+    sentences_all = SENTENCES + EXTRA_SENTENCES
 
     found = []
     for path in sorted(ALSA_DIR.glob("*.wav")):
@@ -70,7 +67,7 @@ def clips(voice: str = "en-us") -> list[Clip]:
         audio, rate = sf.read(path, dtype="float32", always_2d=True)
         mono = soxr.resample(audio.mean(axis=1), rate, MODEL_SAMPLE_RATE).astype(np.float32)
         found.append(Clip(f"alsa/{path.name}", mono, path.stem.replace("_", " ")))
-    groups = [SENTENCES[i : i + n] for n, i in ((1, 0), (1, 5), (1, 6), (2, 1), (2, 6), (3, 2), (4, 0), (4, 4))]
+    groups = [sentences_all[i : i + n] for n, i in ((1, 0), (1, 5), (1, 6), (2, 1), (2, 6), (3, 2), (4, 0), (4, 4))]
     for sentences in groups:
         audio = synthesize_speech(sentences, voice=voice, silence_s=0.3)  # short pauses: one utterance
         found.append(Clip(f"espeak/{len(sentences)}x ({len(audio) / MODEL_SAMPLE_RATE:.1f} s)", audio, " ".join(sentences)))
