@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from streamsed.core.languages import Target
-from streamsed.engine.engine import DecodeStats, EncodedBatch, Hypothesis
+from streamsed.engine.engine import DecodeInterrupted, DecodeStats, EncodedBatch, Hypothesis
 from streamsed.engine.worker import EngineWorker
 
 T = [Target("en", "en")]
@@ -45,7 +45,11 @@ class FakeEngine:
         return EncodedBatch(torch.zeros(len(audios), 1, 1), None, [1.0] * len(audios), window, [1] * len(audios))
 
     def decode(self, encoded, rows, max_new_tokens=None, should_stop=None, drafts=None):
-        time.sleep(self.cost * len(encoded))
+        end = time.monotonic() + self.cost * len(encoded)
+        while time.monotonic() < end:  # "decoder steps" of 10 ms, polling should_stop like the engine
+            if should_stop is not None and should_stop():
+                raise DecodeInterrupted("stopped")
+            time.sleep(0.01)
         ids = self.batches[-1]
         self.ran.extend(ids)
         self.last_stats = DecodeStats(steps=1, rows=len(rows), batch_sizes=[len(rows)])
@@ -161,3 +165,21 @@ async def test_a_batch_with_a_final_takes_only_the_partials_that_fit_its_deadlin
     with_final = next(b for b in engine.batches if "2" in b)
     assert 1 <= len(with_final) - 1 <= 4  # about (0.5 s - 0.05 s - 0.1 s) / 0.1 s partials, not all 10
     assert sorted(engine.ran[2:], key=int) == ["2"] + [str(10 + i) for i in range(10)]  # the rest ran later
+
+
+@pytest.mark.parametrize("deadline_ms, preempted", [(2000, 0), (250, 1)])
+async def test_a_partial_batch_yields_to_a_final_only_when_the_final_would_be_late(deadline_ms, preempted):
+    engine = FakeEngine(cost=0.3)
+    worker = EngineWorker(engine, max_batch_utterances=1, batch_window_ms=0, final_deadline_ms=deadline_ms)
+    worker.start()
+    try:
+        await worker.transcribe(audio(0), T, "final")  # the costs are known from here on
+        await worker.transcribe(audio(1), T, "partial", key="warm")
+        partial = worker.submit(audio(2), T, "partial", key="s")
+        await asyncio.sleep(0.1)  # the partial is decoding
+        final = worker.submit(audio(3), T, "final")
+        results = await asyncio.gather(partial, final)
+    finally:
+        worker.stop()
+    assert worker.stats.preempted == preempted
+    assert (results[0] is None) == bool(preempted) and results[1] is not None

@@ -27,8 +27,9 @@ when it starts and once when the backlog is gone, with its length and worst fina
 Requests may carry a ``key`` (a session uses itself): a newer request with the same key, a partial
 or the final of the utterance, supersedes a pending older partial, which then resolves with ``None``
 without costing any model time. Finals are never superseded. A batch made only of partials is also *preempted* when a final
-arrives while it decodes: it stops before its next decoder step and its partials resolve with
-``None``, so a final waits for at most one decoder step (plus an encoder pass already running).
+arrives while it decodes and letting it finish would make the final late: it stops before its next
+decoder step and its partials resolve with ``None``, so such a final waits for at most one decoder
+step (plus an encoder pass already running).
 """
 
 from __future__ import annotations
@@ -375,7 +376,7 @@ class EngineWorker:
         started = time.perf_counter()
         begun = time.monotonic()
         only_partials = all(r.kind == "partial" for r in batch)
-        should_stop = (lambda: self._finals_pending > 0) if only_partials else None
+        should_stop = (lambda: self._partials_must_yield(started, len(batch))) if only_partials else None
         by_window: dict[str, list[int]] = {}
         for index, request in enumerate(batch):
             by_window.setdefault(self.windows[request.kind], []).append(index)
@@ -412,6 +413,24 @@ class EngineWorker:
                     self._stats.max_final_wait_seconds = max(self._stats.max_final_wait_seconds,
                                                              begun - request.submitted)
         return results
+
+    def _partials_must_yield(self, started: float, size: int) -> bool:
+        """Polled between decoder steps of a partials-only batch: stop it when a final is waiting and
+        letting the batch finish would make that final late. While the cost of a partial is not
+        known yet, any waiting final stops it (an aborted partial wastes its encoder pass, so
+        partials that fit before the deadline are let through)."""
+        if self._finals_pending == 0:
+            return False
+        if self._cost["partial"] == 0:
+            return True
+        now = time.perf_counter()
+        remaining = max(self._cost["partial"] * size - (now - started), 0.0)
+        with self._condition:
+            finals = [r for r in self._pending if r.kind == "final"]
+        if not finals:
+            return False
+        finish = time.monotonic() + remaining + len(finals) * self._cost["final"]
+        return finish > min(r.deadline for r in finals)
 
     def _learn_cost(self, batch: list[_Request], seconds: float) -> None:
         """Moving average of engine seconds per request, split between the kinds of the batch."""
