@@ -263,14 +263,16 @@ def plot(report: dict, path: str) -> None:
         left.plot(n, [r[key] if r[key] is not None else np.nan for r in levels], marker="o", label=label)
     left.axhline(0.5 + 0.5 * u, color="grey", linestyle=":", label="0.5 s + 0.5 U")
     left.axhline(0.5 + 1.0 * u, color="grey", linestyle="--", label="0.5 s + 1 U")
-    left.set(xlabel="concurrent real-time streams", ylabel="seconds after the speech", xscale="log", xticks=n,
+    left.set_xscale("log", base=2)
+    left.minorticks_off()
+    left.set(xlabel="concurrent real-time streams", ylabel="seconds after the speech", xticks=n,
              title=f"lag vs streams (U = {u:.2f} s)")
     left.set_xticklabels([str(x) for x in n])
     left.legend(fontsize=8)
     for r in levels:
         if r["lag_over_time"]:
             t, lag = zip(*r["lag_over_time"])
-            right.plot(t, lag, marker=".", linestyle="-", linewidth=0.8, label=f"{r['streams']} streams")
+            right.plot(t, lag, marker=".", linestyle="-", linewidth=0.8, label=f"{r['streams']} stream{'s' if r['streams'] > 1 else ''}")
     right.set(xlabel="seconds into the run", ylabel="final lag (s)", title="final lag over time")
     right.legend(fontsize=8)
     fig.tight_layout()
