@@ -550,3 +550,19 @@ async def test_new_streams_are_refused_while_the_engine_is_overloaded(engine, mo
             await start(after, stream="after")
     finally:
         await daemon.stop()
+
+
+async def test_engine_counters_are_served_as_json(daemon, speech):
+    status, body = await http_get(daemon.url.replace("ws://", "http://") + "/v1/engine")
+    before = json.loads(body)
+    assert status == 200 and before["model"] == "tiny-whisper" and before["overloaded"] is False
+    assert before["windows"] == {"final": "fast", "partial": "fast"} and before["final_deadline_ms"] == 2000
+    async with connect(f"{daemon.url}/v1/stream") as ws:
+        await start(ws, stream="counted", source_lang="en")
+        await stream(ws, speech)
+        await ws.send(json.dumps({"type": "stop"}))
+        events = await until_closed(ws)
+    after = json.loads((await http_get(daemon.url.replace("ws://", "http://") + "/v1/engine"))[1])
+    assert after["requests"] - before["requests"] >= len(finals(events)) == 2
+    assert after["busy_seconds"] > before["busy_seconds"] and after["batches"] > before["batches"]
+    assert sum(after["answered_by_window"].values()) > sum(before["answered_by_window"].values())

@@ -78,7 +78,7 @@ class WorkerStats:
     deferred: int = 0  # times a partial was left queued to keep finals on time
     overload_episodes: int = 0
     max_final_wait_seconds: float = 0.0  # longest a final waited in the queue
-    windows: dict[str, int] = field(default_factory=dict)  # requests answered per window used
+    answered_by_window: dict[str, int] = field(default_factory=dict)  # hypotheses per window that made them
 
     def record(self, utterances: int, rows: int, step_rows: int, seconds: float) -> None:
         self.batches += 1
@@ -95,7 +95,7 @@ class WorkerStats:
         for hypothesis in hypotheses:
             self.draft_offered += hypothesis.draft_offered
             self.draft_accepted += hypothesis.draft_accepted
-            self.windows[hypothesis.window] = self.windows.get(hypothesis.window, 0) + 1
+            self.answered_by_window[hypothesis.window] = self.answered_by_window.get(hypothesis.window, 0) + 1
 
 
 @dataclass(eq=False)
