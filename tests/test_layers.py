@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import streamsed
 
 ROOT = Path(__file__).resolve().parent.parent
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")

@@ -3,7 +3,6 @@ subprocess, headless Chromium playing espeak-ng speech as its microphone into th
 the same final on the speaker page and on a viewer in a second tab, and the exported WebVTT equal
 to those finals."""
 
-import asyncio
 import html
 import json
 

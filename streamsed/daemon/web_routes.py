@@ -28,7 +28,7 @@ import re
 import time
 from http import HTTPStatus
 from importlib import resources
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from websockets.datastructures import Headers
 from websockets.http11 import Response
