@@ -8,7 +8,13 @@ step and reused, self-attention K/V grow by one position per step, and a row tha
 pruned from the batch (and from the cache) so finished rows cost nothing.
 
 The output is token-for-token what ``model.generate(num_beams=1, do_sample=False)`` returns for the
-same encoder input; ``tests/test_engine_parity.py`` holds the engine to that.
+same encoder input; ``tests/test_engine_parity.py`` holds the engine to that, with and without
+*drafts*: a guess at a row's tokens (a stream's previous partial) is verified in one decoder forward
+and only the prefix greedy decoding itself confirms is kept, which saves steps and changes nothing.
+
+``encode(window="fast")`` gives Whisper a log-mel window cut to the audio plus ``window_margin_s``
+instead of its 30 s one: not generate()'s input any more, about a quarter of the encoder time, and
+``run_rows`` redoes a fast result on the exact window when it comes back broken.
 """
 
 from __future__ import annotations
