@@ -280,7 +280,6 @@ def plot(report: dict, path: str) -> None:
 
 
 def run_load_bench(args) -> int:
-    from ..core.audio import load_audio_file
     from ..core.errors import UserError
     from .decode import load_bench_audio
 
@@ -290,7 +289,7 @@ def run_load_bench(args) -> int:
         raise UserError(f"--streams takes a comma-separated list of counts, e.g. 1,2,4,8; got {args.streams!r}") from None
     if not levels or min(levels) < 1:
         raise UserError("--streams counts must be at least 1")
-    audio, source = load_bench_audio(args.audio) if args.audio is None else (load_audio_file(args.audio)[0], args.audio)
+    audio, source = load_bench_audio(args.audio)
     rate = 16000
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
     duration = args.duration or len(pcm) / rate

@@ -115,7 +115,7 @@ def measure(engine, kind: str, window: str, margin: float | None, data: list[Cli
     import jiwer
 
     from ..core.languages import Target
-    from ..engine.engine import compression_ratio
+    from ..engine.engine import LOOP_COMPRESSION_RATIO, compression_ratio
 
     if margin is not None:
         engine.window_margin_s = margin
@@ -133,7 +133,7 @@ def measure(engine, kind: str, window: str, margin: float | None, data: list[Cli
     references = [normalize(c.reference) for c in data]
     wer = jiwer.wer(references, [normalize(t) or "<empty>" for t in texts]) * 100
     label = "exact (30 s)" if window == "exact" else f"fast +{margin:g} s"
-    loops = sum(compression_ratio(t) > 2.4 for t in texts)
+    loops = sum(compression_ratio(t) > LOOP_COMPRESSION_RATIO for t in texts)
     return WindowResult(label, margin, round(wer, 1), loops, round(encoder_s, 3), 0.0, texts,
                         round(encoder_s + decode_s, 3), kind)
 

@@ -242,11 +242,6 @@ class EngineWorker:
         """True while finals miss their deadline: the server then admits no new ingest session."""
         return self._overloaded_since is not None
 
-    def backlog_seconds(self) -> float:
-        """Estimated engine time to answer the finals queued now (moving average cost per final)."""
-        with self._condition:
-            finals = sum(r.kind == "final" for r in self._pending)
-        return finals * self._cost["final"]
 
     def _supersede_partials(self, key: Hashable) -> None:
         """Called with the lock held: answer None to pending partials with ``key``."""
