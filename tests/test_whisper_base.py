@@ -6,7 +6,7 @@ The engine must give generate()'s tokens on real speech in several languages, si
 import pytest
 import torch
 
-from streamsed.engine.engine import Target
+from streamsed.engine.engine import Engine, Target
 from streamsed.engine.loading import load_engine
 from tests.speech import espeak, words
 
@@ -114,3 +114,19 @@ def test_fast_window_final_equals_offline_translate_on_the_same_setting(engine, 
         assert engine.transcribe([audio], [Target("en", "en")], window="fast")[0][0].tokens == hyps[0].tokens
     (english,) = batched[langs.index("en")]
     assert english.window == "fast" and words(english.text) == words(PHRASES["en"][0])
+
+
+def test_static_cache_decoder_gives_generate_tokens(engine, clips):
+    """The CUDA-graphs path (static KV cache, step traced by dynamo) on CPU, batched and with drafts."""
+    static = Engine(engine.model, engine.feature_extractor, engine.tokenizer, name="static", device=engine.device,
+                    dtype=engine.dtype)
+    static.enable_static_decoding(compile_mode=None, backend="eager")
+    langs = sorted(PHRASES)
+    audios = [clips[lang] for lang in langs]
+    expected = [generate_tokens(engine, [clips[lang]], lang, "transcribe")[0] for lang in langs]
+    rows = [(i, Target(lang, lang)) for i, lang in enumerate(langs)]
+    encoded = static.encode(audios)
+    assert [h.tokens for h in static.decode(encoded, rows)] == expected
+    prefixes = [tokens[: len(tokens) // 2] for tokens in expected]  # what an earlier partial said
+    assert [h.tokens for h in static.decode(encoded, rows, drafts=prefixes)] == expected
+    assert static.static_decoder.compiled and static.static_decoder._caches

@@ -47,6 +47,7 @@ class ModelConfig:
     partial_window: str = "fast"
     window_margin_s: float = 5.0
     final_deadline_ms: float = 2000.0
+    cuda_graphs: bool = True  # CUDA + Whisper: static KV cache, decoder step replayed as CUDA graphs
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,8 @@ class Daemon:
         from ..engine.loading import load_engine
 
         model = self.config.model
-        return load_engine(model.name, device=model.device, dtype=model.dtype, window_margin_s=model.window_margin_s)
+        return load_engine(model.name, device=model.device, dtype=model.dtype, window_margin_s=model.window_margin_s,
+                           cuda_graphs=model.cuda_graphs)
 
     async def _load(self) -> None:
         try:

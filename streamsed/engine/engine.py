@@ -135,6 +135,7 @@ class Engine:
         self.quantized: str | None = None  # "int8" when the Linear layers are dynamically quantized
         self.sample_rate = int(getattr(feature_extractor, "sampling_rate", 16000))
         self.last_stats = DecodeStats()
+        self.static_decoder = None  # a StaticDecoder once enable_static_decoding() ran (CUDA graphs)
         self._input_name = feature_extractor.model_input_names[0]
 
     # -- facts the pipeline needs -------------------------------------------------------------------
@@ -174,6 +175,15 @@ class Engine:
         total = int(self.family.fixed_window_s * per_second)
         seconds = math.ceil(samples / self.sample_rate + self.window_margin_s)
         return min(total, max(seconds, 1) * per_second)
+
+    def enable_static_decoding(self, compile_mode: str | None = "reduce-overhead", backend: str = "inductor") -> None:
+        """Decode Whisper on a static KV cache, its step compiled (CUDA graphs with the default
+        ``reduce-overhead``); ``compile_mode=None`` keeps the static cache but runs eagerly."""
+        if self.family.name != "whisper":
+            raise ValueError(f"static decoding is built for Whisper, not {self.family.name}")
+        from .static_decode import StaticDecoder
+
+        self.static_decoder = StaticDecoder(self, compile_mode, backend)
 
     # -- encoder ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -469,6 +479,7 @@ class _Loop:
         self.eos = eos
         self.stats = stats
         self.should_stop = should_stop
+        self.static = engine.static_decoder
 
     def check_stop(self) -> None:
         if self.should_stop is not None and self.should_stop():
@@ -477,6 +488,9 @@ class _Loop:
     def run(self, states, mask, sequences, step_input, cache, live: list[int], results: list[_Row], steps: int) -> None:
         """Decode up to ``steps`` more tokens for rows ``live`` (their full ``sequences`` so far);
         ``step_input`` is what the cache has not seen yet. Finished rows leave batch and cache."""
+        if self.static is not None and mask is None:
+            self.static.run(self, states, sequences, step_input, cache, live, results, steps)
+            return
         for _ in range(steps):
             self.check_stop()
             logits = self.family.step(step_input, states, mask, cache).float()

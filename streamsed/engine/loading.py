@@ -69,7 +69,7 @@ def local_checkpoint_dir(reference: str) -> Path | None:
 
 
 def load_engine(reference: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
-                window_margin_s: float = DEFAULT_WINDOW_MARGIN_S) -> Engine:
+                window_margin_s: float = DEFAULT_WINDOW_MARGIN_S, cuda_graphs: bool = True) -> Engine:
     """Load ``reference`` (see module doc) and return an Engine on the chosen device."""
     torch_device, torch_dtype = resolve_device(device, dtype)
     local_dir = local_checkpoint_dir(reference)
@@ -81,19 +81,24 @@ def load_engine(reference: str = DEFAULT_MODEL, device: str = "auto", dtype: str
             raise ModelUnavailable(f"cannot load model from {source}: {error}".splitlines()[0]) from error
         raise ModelUnavailable(_hub_failure_message(reference, error)) from error
     return engine_from_model(model, feature_extractor, tokenizer, name=reference, device=torch_device, dtype=torch_dtype,
-                             window_margin_s=window_margin_s)
+                             window_margin_s=window_margin_s, cuda_graphs=cuda_graphs)
 
 
 def engine_from_model(model, feature_extractor, tokenizer, *, name: str = "custom", device="auto", dtype="auto",
-                      window_margin_s: float = DEFAULT_WINDOW_MARGIN_S) -> Engine:
-    """Serve a model object built in code (e.g. ``SpeechEncoderDecoderModel.from_encoder_decoder_pretrained``)."""
+                      window_margin_s: float = DEFAULT_WINDOW_MARGIN_S, cuda_graphs: bool = True) -> Engine:
+    """Serve a model object built in code (e.g. ``SpeechEncoderDecoderModel.from_encoder_decoder_pretrained``).
+
+    On CUDA, Whisper decodes on a static KV cache with CUDA graphs unless ``cuda_graphs`` is False."""
     if not isinstance(device, torch.device):
         device, dtype = resolve_device(device, dtype)
     if dtype == torch.qint8:
         return _int8_engine(model, feature_extractor, tokenizer, name, window_margin_s)
     model = model.to(device=device, dtype=dtype)
-    return Engine(model, feature_extractor, tokenizer, name=name, device=device, dtype=dtype,
-                  window_margin_s=window_margin_s)
+    engine = Engine(model, feature_extractor, tokenizer, name=name, device=device, dtype=dtype,
+                    window_margin_s=window_margin_s)
+    if cuda_graphs and device.type == "cuda" and engine.family.name == "whisper":
+        engine.enable_static_decoding()
+    return engine
 
 
 def _int8_engine(model, feature_extractor, tokenizer, name: str, window_margin_s: float) -> Engine:
