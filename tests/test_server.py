@@ -552,6 +552,35 @@ async def test_new_streams_are_refused_while_the_engine_is_overloaded(engine, mo
         await daemon.stop()
 
 
+async def test_a_long_overload_sheds_the_newest_stream_after_finalizing_it(engine, open_speech, monkeypatch):
+    daemon = Daemon(config(shed_after_s=0.4), engine)
+    await daemon.start()
+    await daemon.wait_ready()
+    try:
+        async with connect(f"{daemon.url}/v1/stream") as old, connect(f"{daemon.url}/v1/stream") as new:
+            await start(old, stream="old", source_lang="en")
+            await start(new, stream="new", source_lang="en")
+            await stream(new, open_speech)  # an utterance still open when the stream is shed
+            await new.send(json.dumps({"type": "keepalive"}))
+            await asyncio.sleep(0.3)  # the processor has fed all of it before the overload starts
+            monkeypatch.setattr(type(daemon.worker), "overloaded_for", property(lambda self: 60.0))
+            events = await until_closed(new)
+            assert new.close_code == 1013 and new.close_reason.startswith("overloaded")
+            kinds = [e["type"] for e in events]
+            error = events[kinds.index("error")]
+            assert error["code"] == "overloaded" and "newest" in error["message"]
+            assert [e["segment"] for e in finals(events)] == [0]  # its open utterance was finalized
+            await asyncio.sleep(1.0)  # one stream left: it is never shed
+            await old.send(json.dumps({"type": "stop"}))
+            await until_closed(old)
+            assert old.close_code == 1000
+            monkeypatch.undo()
+        status, body = await http_get(daemon.url.replace("ws://", "http://") + "/v1/engine")
+        assert json.loads(body)["shed_streams"] == 1
+    finally:
+        await daemon.stop()
+
+
 async def test_engine_counters_are_served_as_json(daemon, speech):
     status, body = await http_get(daemon.url.replace("ws://", "http://") + "/v1/engine")
     before = json.loads(body)

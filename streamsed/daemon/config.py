@@ -33,6 +33,8 @@ class ServerConfig:
     max_sessions: int = 16
     max_frame_bytes: int = 1_048_576
     ping_interval_s: float = 20.0
+    # Overloaded this long: close the newest ingest stream (after its open utterance); 0 = never.
+    shed_after_s: float = 10.0
     # Origins (scheme://host[:port]) whose pages may open the websockets, besides same-origin pages.
     allowed_origins: list[str] = field(default_factory=list)
 
@@ -222,6 +224,7 @@ def _validate(config: Config) -> None:
     checks = [
         (0 <= server.port <= 65535, "[server] port must be 0-65535 (0 = any free port)"),
         (server.max_sessions >= 1, "[server] max_sessions must be at least 1"),
+        (server.shed_after_s >= 0, "[server] shed_after_s must be 0 (never shed) or positive"),
         (server.max_frame_bytes >= 1024, "[server] max_frame_bytes must be at least 1024"),
         (server.ping_interval_s > 0, "[server] ping_interval_s must be positive"),
         (all(valid_origin_setting(o) for o in server.allowed_origins),

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
+import time
 import uuid
 from collections.abc import Callable
 from http import HTTPStatus
@@ -51,7 +53,9 @@ if TYPE_CHECKING:  # the daemon edge never touches torch itself: the worker and 
 log = logging.getLogger(__name__)
 
 MAX_QUEUED_FRAMES = 512  # frames read but not processed yet; the reader waits beyond this
-_GONE, _SHUTDOWN = object(), object()  # inbox markers: client disconnected / daemon stopping
+SHED_ERROR = ProtocolError("overloaded", "the engine cannot keep up with every stream: this one, the newest, is "
+                           "closed after its open utterance is finalized; retry later")
+_GONE, _SHUTDOWN, _SHED = object(), object(), object()  # inbox markers: client gone / daemon stopping / load shed
 
 
 class Edge(Protocol):
@@ -79,6 +83,9 @@ class Daemon:
         self._server: Server | None = None
         self._load_task: asyncio.Task | None = None
         self._stopping = False
+        self._shedder: asyncio.Task | None = None
+        self._admitted = 0  # ingest connections admitted so far: their order decides which is shed first
+        self.shed_streams = 0  # ingest sessions closed to bring an overloaded engine back within its deadline
         self.edges: list[Edge] = []
         self.sessions: dict[str, StreamSession] = {}  # live sessions by stream id (any source)
 
@@ -134,6 +141,8 @@ class Daemon:
             return
         self._ready.set()
         log.info("model %s ready on %s", self.engine.name, self.engine.device)
+        if self.config.server.shed_after_s > 0:
+            self._shedder = asyncio.create_task(self._shed_load())
         for edge in self.edges:
             try:
                 await edge.start(self)
@@ -174,6 +183,8 @@ class Daemon:
             return
         self._stopping = True
         self._server.close(close_connections=False)  # stop listening; handlers run on
+        if self._shedder is not None:
+            self._shedder.cancel()
         ingests = list(self._ingests)
         for ingest in ingests:
             ingest.shutdown()
@@ -187,6 +198,29 @@ class Daemon:
         await self._server.wait_closed()
         if self.worker is not None:
             await asyncio.to_thread(self.worker.stop)
+
+    async def _shed_load(self) -> None:
+        """Load shedding: while the engine has been overloaded for ``shed_after_s``, close the most
+        recently admitted ingest stream (its open utterance is still finalized), then give the
+        rest another ``shed_after_s`` to catch up before shedding the next. Admission control alone
+        cannot help when streams arrive faster than overload shows; this bounds their lag."""
+        patience = self.config.server.shed_after_s
+        last_shed = -math.inf
+        while True:
+            await asyncio.sleep(min(patience / 4, 1.0))
+            worker = self.worker
+            now = time.monotonic()
+            if worker is None or worker.overloaded_for < patience or now - last_shed < patience:
+                continue
+            live = [ingest for ingest in self._ingests if ingest.session is not None and not ingest.closing]
+            if len(live) < 2:  # one stream is all the engine has: it keeps going
+                continue
+            newest = max(live, key=lambda ingest: ingest.order)
+            log.warning("overloaded for %.0f s: closing the newest stream %s (%d streams open)",
+                        worker.overloaded_for, newest.stream, len(live))
+            newest.shutdown(_SHED)
+            self.shed_streams += 1
+            last_shed = now
 
     # -- HTTP and routing -----------------------------------------------------------------------
     def _http(self, connection: ServerConnection, request):
@@ -231,6 +265,8 @@ class Daemon:
             ))
             return
         ingest = _Ingest(self, ws, query)
+        self._admitted += 1
+        ingest.order = self._admitted
         self._ingests.add(ingest)
         try:
             await ingest.run()
@@ -289,15 +325,17 @@ class _Ingest:
         self.session: StreamSession | None = None
         self.stream: str | None = None
         self.closing = False
+        self.order = 0  # admission order (set by the daemon)
         self.done = asyncio.Event()
 
-    def shutdown(self) -> None:
-        """Daemon stopping: ignore further input, finish what was received, close 1001."""
+    def shutdown(self, marker=_SHUTDOWN) -> None:
+        """Daemon stopping (or this stream shed): ignore further input, finish what was received,
+        close 1001 (1013 when shed)."""
         self.closing = True
         try:
-            self.inbox.put_nowait(_SHUTDOWN)
+            self.inbox.put_nowait(marker)
         except asyncio.QueueFull:  # the processor is behind; the marker queues after the backlog
-            asyncio.get_running_loop().create_task(self.inbox.put(_SHUTDOWN))
+            asyncio.get_running_loop().create_task(self.inbox.put(marker))
 
     def reply(self, event: dict) -> None:
         self.outbox.put_nowait(event)
@@ -353,10 +391,14 @@ class _Ingest:
     async def _process(self) -> tuple[int, str]:
         while True:
             item = await self.inbox.get()
-            if item is _GONE or item is _SHUTDOWN:
+            if item is _GONE or item is _SHUTDOWN or item is _SHED:
+                if item is _SHED:
+                    self.reply(SHED_ERROR.event())
                 await self._finish()
                 if item is _SHUTDOWN:
                     return protocol.CLOSE_GOING_AWAY, "server shutting down"
+                if item is _SHED:
+                    return SHED_ERROR.close_code, close_reason(SHED_ERROR.code, SHED_ERROR.message)
                 return protocol.CLOSE_NORMAL, ""
             try:
                 if isinstance(item, bytes):

@@ -242,6 +242,11 @@ class EngineWorker:
         """True while finals miss their deadline: the server then admits no new ingest session."""
         return self._overloaded_since is not None
 
+    @property
+    def overloaded_for(self) -> float:
+        """Seconds the current overload episode has lasted; 0 when not overloaded."""
+        since = self._overloaded_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def _supersede_partials(self, key: Hashable) -> None:
         """Called with the lock held: answer None to pending partials with ``key``."""
