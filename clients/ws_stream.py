@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from urllib.parse import urlsplit
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import soundfile as sf
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
 
@@ -97,7 +98,8 @@ async def run(args) -> int:
         start["source_lang"] = args.source_lang
     if args.targets:
         start["targets"] = [t.strip() for t in args.targets.split(",") if t.strip()]
-    async with connect(endpoint(args.url, "/v1/stream"), compression=None) as ws:
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
+    async with connect(endpoint(args.url, "/v1/stream"), compression=None, additional_headers=headers) as ws:
         await ws.send(json.dumps(start))
         sender = None
         try:
@@ -122,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("file", help="WAV (or any libsndfile format), mono or mixed down, any sample rate")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"daemon address (default {DEFAULT_URL})")
     parser.add_argument("--stream", default=None, help="stream id (default: the server makes one)")
+    parser.add_argument("--token", default=os.environ.get("STREAMSED_TOKEN"),
+                        help="access token, when the daemon has auth_tokens (default: $STREAMSED_TOKEN)")
     parser.add_argument("--source-lang", default=None, help="spoken language, e.g. de")
     parser.add_argument("--targets", default=None, help="output languages, comma-separated, e.g. de,en")
     pace = parser.add_mutually_exclusive_group()
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("--chunk-ms must be positive")
     try:
         return asyncio.run(run(args))
-    except (OSError, sf.LibsndfileError) as error:
+    except (OSError, sf.LibsndfileError, InvalidStatus) as error:  # InvalidStatus: e.g. 401, a wrong token
         print(f"ws_stream: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

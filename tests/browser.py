@@ -165,3 +165,16 @@ async def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int
 
 def has_espeak() -> bool:
     return shutil.which("espeak-ng") is not None
+
+
+def cues_per_segment(cues) -> list[tuple[str, str, str, str]]:
+    """webvtt-py cues grouped by the segment of their ``<segment>-<n>`` id: (segment, text of all its
+    cues joined by spaces, start of the first, end of the last). A long final is several cues."""
+    import html
+
+    grouped: dict[str, list] = {}
+    for cue in cues:
+        segment, _, _ = cue.identifier.partition("-")
+        grouped.setdefault(segment, []).append(cue)
+    return [(segment, " ".join(html.unescape(c.text).replace("\n", " ") for c in group), group[0].start, group[-1].end)
+            for segment, group in grouped.items()]

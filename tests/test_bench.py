@@ -109,6 +109,7 @@ def test_bench_load_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsys)
         assert level["segments"] == 2 * level["streams"]  # every segment of every stream got its final
         assert level["final_lag_p50"] is not None and level["final_lag_max"] >= level["final_lag_p50"]
         assert 0 <= level["engine_busy"] <= 1 and level["rss_mb"] > 0
+        assert 0 < level["vad_ms_per_stream_second"] < 1000  # Silero's CPU time per second of audio
     assert data["engine"]["requests"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| streams |" in capsys.readouterr().out
@@ -140,3 +141,28 @@ def test_bench_window_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsy
     assert [(r["dtype"], r["window"]) for r in rows] == [("float32", "exact (30 s)"), ("int8", "exact (30 s)"),
                                                           ("float32", "fast +5 s"), ("int8", "fast +5 s")]
     assert "| int8 fast +5 s |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_soak_on_a_tiny_model(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A short soak: streams reconnect pass after pass, listeners and MQTT follow, RSS is sampled."""
+    import soundfile as sf
+
+    from tests.tiny_models import NO_GUARD_ENV
+
+    for key, value in NO_GUARD_ENV.items():  # the tiny model's loops would all be dropped
+        monkeypatch.setenv(key, value)
+    audio = bench.synthesize_speech(["Hello there."], silence_s=0.8)
+    wav = tmp_path / "talk.wav"
+    sf.write(wav, audio, 16000)
+    out, png = tmp_path / "soak.json", tmp_path / "soak.png"
+    assert main(["bench", "soak", "--model", str(tiny_model_dir), "--audio", str(wav), "--minutes", "0.5",
+                 "--streams", "2", "--listeners", "1", "--json", str(out), "--plot", str(png)]) == 0
+    data = json.loads(out.read_text())
+    assert data["streams"] == 2 and data["mqtt"] is True
+    assert data["sessions"] >= 4 and data["finals"] >= data["sessions"] - 2  # reconnects, finals keep coming
+    assert data["listener_events"] > 0 and data["mqtt_messages"] > 0
+    assert len(data["samples"]) >= 2 and all(s["rss_mb"] > 0 for s in data["samples"])
+    assert data["rss_growth"] is not None
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["bench", "soak", "--minutes", "0"]) == 2

@@ -66,15 +66,17 @@ def test_jsonl_times_are_the_decoded_segments(two_utterances):
     for line, segment in zip(lines, segments):
         assert line["start"] == round(segment.start / RATE, 3)
         assert line["end"] == round(segment.end / RATE, 3)
-        assert set(line) == {"segment", "start", "end", "source_lang", "target_lang", "text"}
+        assert set(line) == {"segment", "start", "end", "source_lang", "target_lang", "text", "avg_logprob",
+                             "no_speech_prob", "words"}
+        assert "".join(w["word"] for w in line["words"]) == line["text"]
 
 
 @pytest.mark.slow
 def test_vtt_and_srt_output(two_utterances):
     vtt = streamsed("translate", str(two_utterances), "--format", "vtt")
     assert vtt.returncode == 0, vtt.stderr
-    assert vtt.stdout.startswith("WEBVTT\n\n0\n00:00:0")
-    assert "\n1\n00:00:0" in vtt.stdout and "meeting today" in vtt.stdout
+    assert vtt.stdout.startswith("WEBVTT\n\n0-0\n00:00:0")
+    assert "\n1-0\n00:00:0" in vtt.stdout and "meeting today" in vtt.stdout
     srt = streamsed("translate", str(two_utterances), "--format", "srt")
     assert srt.stdout.startswith("1\n00:00:0") and "\n2\n00:00:0" in srt.stdout and "," in srt.stdout
 

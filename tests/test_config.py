@@ -98,3 +98,14 @@ def test_unknown_override_and_missing_file(tmp_path):
         load_config(env={}, overrides={"server.nope": 1})
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.toml", env={})
+
+
+def test_the_end_silence_schedule_comes_from_toml_and_env(tmp_path):
+    path = write(tmp_path, "[vad]\nend_silence_schedule = [[4, 250], [8.5, 120]]\n")
+    assert load_config(path, env={}).vad.end_silence_schedule == ((4.0, 250), (8.5, 120))
+    env = {"STREAMSED_VAD__END_SILENCE_SCHEDULE": "6:300"}
+    assert load_config(env=env).vad.end_silence_schedule == ((6.0, 300),)
+    with pytest.raises(ConfigError, match="pairs"):
+        load_config(write(tmp_path, "[vad]\nend_silence_schedule = [5, 200]\n"), env={})
+    with pytest.raises(ConfigError, match="increasing"):
+        load_config(write(tmp_path, "[vad]\nend_silence_schedule = [[8, 100], [4, 200]]\n"), env={})

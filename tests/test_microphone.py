@@ -34,6 +34,7 @@ from streamsed.daemon.microphone import (
     mix_to_mono,
 )
 from tests import virtual_mic
+from tests.tiny_models import NO_GUARD
 from tests.virtual_mic import VirtualMic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -510,7 +511,7 @@ def speech_audio(*texts, pause=1.2, tail=1.2):
 
 
 def mic_config(**microphone_settings):
-    return with_overrides(load_config(env={}), server={"port": 0},
+    return with_overrides(load_config(env={}), server={"port": 0}, guard=NO_GUARD,
                           microphone={"enabled": True, "device": "vmic", "retry_s": 0.5, **microphone_settings})
 
 
@@ -582,7 +583,8 @@ async def test_daemon_microphone_stream_reaches_caption_listeners(vmic, engine):
 async def test_daemon_keeps_serving_websockets_while_the_microphone_is_gone(vmic, engine, caplog):
     from tests.speech import espeak, silence
 
-    daemon, edge = await start_daemon(mic_config(), engine)
+    # One long utterance that is still open when the device goes: no shortening of the end pause.
+    daemon, edge = await start_daemon(with_overrides(mic_config(), vad={"end_silence_schedule": []}), engine)
     listener = await listen(daemon.url)
     heard = []  # (arrival time, event)
 

@@ -25,7 +25,7 @@ from streamsed.engine.loading import engine_from_model
 from tests import mosquitto
 from tests.mosquitto import Mosquitto, PersistentRecorder, Recorder, mosquitto_sub, retained
 from tests.speech import espeak, silence
-from tests.tiny_models import tiny_whisper
+from tests.tiny_models import NO_GUARD, tiny_whisper
 
 pytestmark = pytest.mark.skipif(not mosquitto.available(), reason="needs Debian's mosquitto (see README)")
 
@@ -80,7 +80,7 @@ def mqtt_config(port: int, **mqtt):
                 "reconnect_max_s": 0.4, "flush_timeout_s": 5.0, **mqtt}
     # Exact windows: the tiny random model's text loops on the fast window, and every fallback would
     # double the cost of the partials this file expects to see published.
-    return with_overrides(load_config(env={}), server={"port": 0}, mqtt=settings,
+    return with_overrides(load_config(env={}), server={"port": 0}, mqtt=settings, guard=NO_GUARD,
                           model={"final_window": "exact", "partial_window": "exact"})
 
 

@@ -19,7 +19,7 @@ from streamsed.daemon.config import load_config, with_overrides
 from streamsed.daemon.server import Daemon
 from streamsed.engine.loading import engine_from_model
 from tests.speech import espeak, silence
-from tests.tiny_models import tiny_whisper
+from tests.tiny_models import NO_GUARD, tiny_whisper
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def open_speech():
 
 
 def config(**server):
-    return with_overrides(load_config(env={}), server={"port": 0, **server})
+    return with_overrides(load_config(env={}), server={"port": 0, **server}, guard=NO_GUARD)
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ async def test_stream_stop_delivers_finals_then_closes_1000(daemon, speech):
     assert kinds.count("speech_start") == 2 and kinds.count("speech_end") == 2
     for final in finals(events):
         assert set(final) == {"type", "stream", "segment", "source_lang", "target_lang", "text", "start", "end",
-                              "latency_ms", "window", "queued_ms", "compute_ms"}
+                              "latency_ms", "window", "queued_ms", "compute_ms", "avg_logprob"}
         assert final["stream"] == "room1" and 0 <= final["start"] < final["end"] <= len(speech) / 32000
         assert final["latency_ms"] >= 0
 
@@ -500,7 +500,7 @@ async def test_reference_clients(daemon, speech, tmp_path, capsys):
     samples = np.frombuffer(speech, "<i2").astype(np.float32) / 32768
     path = tmp_path / "speech22k.wav"
     sf.write(path, soxr.resample(samples, 16000, 22050), 22050, subtype="PCM_16")  # sent at its own rate
-    listen_args = argparse.Namespace(url=daemon.url, stream="clients", target_lang=None, jsonl=True)
+    listen_args = argparse.Namespace(url=daemon.url, stream="clients", target_lang=None, jsonl=True, token=None)
     listener = asyncio.create_task(listen.run(listen_args))
     while not daemon.hub.listeners("clients"):
         await asyncio.sleep(0.01)

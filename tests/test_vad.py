@@ -1,4 +1,5 @@
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ from streamsed.core.audio import MODEL_SAMPLE_RATE, StreamResampler
 from streamsed.core.vad import SpeechEnded, SpeechStarted, VadConfig, VadSegmenter, samples_to_seconds
 
 RATE = MODEL_SAMPLE_RATE
-DEFAULTS = VadConfig()
+# The webrtcvad state machine with a fixed end pause; Silero and the shortening pause: test_voice.py.
+DEFAULTS = VadConfig(engine="webrtc", end_silence_schedule=(), max_segment_s=30.0)
 PADDING = DEFAULTS.padding_ms * RATE // 1000
 FRAME = DEFAULTS.frame_ms * RATE // 1000
 END_SILENCE = DEFAULTS.end_silence_ms * RATE // 1000
@@ -86,12 +88,12 @@ def assert_brackets(segment: SpeechEnded, span: tuple[int, int], scale: float = 
 # --- no speech -----------------------------------------------------------------
 
 def test_silence_gives_no_events():
-    assert run(VadSegmenter(), silence(5.0)) == []
+    assert run(VadSegmenter(DEFAULTS), silence(5.0)) == []
 
 
 def test_low_white_noise_gives_no_events():
     noise = np.random.default_rng(0).normal(0.0, 0.01, 5 * RATE).astype(np.float32)  # about -40 dBFS
-    assert run(VadSegmenter(), noise) == []
+    assert run(VadSegmenter(DEFAULTS), noise) == []
 
 
 def tone(frequency: float, seconds: float, amplitude: float = 0.3) -> np.ndarray:
@@ -100,12 +102,12 @@ def tone(frequency: float, seconds: float, amplitude: float = 0.3) -> np.ndarray
 
 
 def test_a_tone_above_the_speech_band_is_not_speech():
-    assert run(VadSegmenter(), np.concatenate([silence(1.0), tone(6000, 2.0), silence(1.5)])) == []
+    assert run(VadSegmenter(DEFAULTS), np.concatenate([silence(1.0), tone(6000, 2.0), silence(1.5)])) == []
 
 
 def test_a_voiced_band_tone_burst_is_one_segment_around_the_burst():
     """webrtcvad calls a steady 3 kHz tone voiced; the segmenter must frame the burst like speech."""
-    segments = ended(run(VadSegmenter(), np.concatenate([silence(1.0), tone(3000, 2.0), silence(1.5)])))
+    segments = ended(run(VadSegmenter(DEFAULTS), np.concatenate([silence(1.0), tone(3000, 2.0), silence(1.5)])))
     assert len(segments) == 1
     assert_brackets(segments[0], (RATE, 3 * RATE))
 
@@ -114,7 +116,7 @@ def test_a_voiced_band_tone_burst_is_one_segment_around_the_burst():
 
 def test_two_utterances_give_two_segments_around_the_speech(speech):
     stream, spans = two_utterances(speech)
-    events = run(VadSegmenter(), stream)
+    events = run(VadSegmenter(DEFAULTS), stream)
 
     segments = ended(events)
     assert [type(event) for event in events] == [SpeechStarted, SpeechEnded] * 2
@@ -130,13 +132,13 @@ def test_two_utterances_give_two_segments_around_the_speech(speech):
 
 def test_random_chunk_sizes_give_the_same_segments(speech):
     stream, _ = two_utterances(speech)
-    whole = ended(run(VadSegmenter(), stream))
+    whole = ended(run(VadSegmenter(DEFAULTS), stream))
 
     rng = np.random.default_rng(1)
     chunk_sizes = []
     while sum(chunk_sizes) < len(stream):
         chunk_sizes.append(int(rng.integers(1, 3000)))
-    chunked = ended(run(VadSegmenter(), stream, chunk_sizes))
+    chunked = ended(run(VadSegmenter(DEFAULTS), stream, chunk_sizes))
 
     assert chunked == whole  # compares segment numbers and offsets
     for chunked_segment, whole_segment in zip(chunked, whole):
@@ -158,7 +160,7 @@ def test_other_input_rates_report_offsets_in_the_16k_stream(speech_native, input
         stream = np.round(stream * 32767).astype(np.int16)
 
     chunk_sizes = [input_rate // 10] * (len(stream) // (input_rate // 10))
-    segments = ended(run(VadSegmenter(input_rate=input_rate), stream, chunk_sizes))
+    segments = ended(run(VadSegmenter(DEFAULTS, input_rate=input_rate), stream, chunk_sizes))
 
     # The stream the segmenter saw; soxr's streaming output does not depend on chunking.
     float_stream = stream.astype(np.float32) / 32768 if dtype == np.int16 else stream
@@ -172,7 +174,7 @@ def test_other_input_rates_report_offsets_in_the_16k_stream(speech_native, input
 
 def test_segment_ends_padding_after_the_speech_not_where_silence_was_detected(speech):
     stream, _ = two_utterances(speech)
-    segmenter = VadSegmenter()
+    segmenter = VadSegmenter(DEFAULTS)
     for frame_end in range(FRAME, len(stream) + 1, FRAME):
         segments = ended(segmenter.feed(stream[frame_end - FRAME:frame_end]))
         if segments:
@@ -184,7 +186,7 @@ def test_segment_ends_padding_after_the_speech_not_where_silence_was_detected(sp
 
 def test_open_audio_tracks_the_open_utterance(speech):
     stream, _ = two_utterances(speech)
-    segmenter = VadSegmenter()
+    segmenter = VadSegmenter(DEFAULTS)
     assert segmenter.open_audio() is None and segmenter.open_start is None
 
     seen_open = []
@@ -205,7 +207,7 @@ def test_open_audio_tracks_the_open_utterance(speech):
 
 def test_flush_closes_the_open_utterance(speech):
     stream = np.concatenate([silence(0.5), speech["greeting"]])  # stream ends mid-speech
-    segmenter = VadSegmenter()
+    segmenter = VadSegmenter(DEFAULTS)
     fed = segmenter.feed(stream)
     assert [type(event) for event in fed] == [SpeechStarted]
 
@@ -224,14 +226,14 @@ def test_flush_closes_the_open_utterance(speech):
 
 def test_continuous_speech_is_cut_into_contiguous_segments_within_the_limit(speech):
     stream = np.concatenate([silence(0.5), speech["long"], silence(1.0)])
-    config = VadConfig(max_segment_s=1.0)
+    config = replace(DEFAULTS, max_segment_s=1.0, cut_search_s=0.03)
     segments = ended(run(VadSegmenter(config), stream))
 
     onset, offset = audible_span(stream)
     assert len(segments) >= 5  # about 5.4 s of speech
     assert all(segment.end - segment.start <= RATE * config.max_segment_s for segment in segments)
-    # A cut lands on the frame boundary just before the limit.
-    assert segments[0].end - segments[0].start == RATE - RATE % FRAME
+    # With a one-frame search window the cut lands within a frame of the limit.
+    assert RATE - RATE % FRAME - FRAME <= segments[0].end - segments[0].start <= RATE
     for previous, following in zip(segments, segments[1:]):
         assert following.start == previous.end
     assert segments[0].start <= onset and segments[-1].end >= offset
@@ -246,7 +248,7 @@ def test_min_speech_drops_a_short_utterance_without_using_a_segment_number(speec
     stream = np.concatenate([silence(0.5), speech["short"], silence(1.0), speech["weather"], silence(1.0)])
     weather_span = audible_span(speech["weather"], len(stream) - RATE - len(speech["weather"]))
 
-    events = run(VadSegmenter(VadConfig(min_speech_ms=1000)), stream)
+    events = run(VadSegmenter(replace(DEFAULTS, min_speech_ms=1000)), stream)
 
     assert [type(event) for event in events] == [SpeechStarted, SpeechEnded]
     assert events[0].segment == events[1].segment == 0
@@ -255,7 +257,7 @@ def test_min_speech_drops_a_short_utterance_without_using_a_segment_number(speec
 
 def test_the_same_short_utterance_is_kept_when_long_enough(speech):
     stream = np.concatenate([silence(0.5), speech["short"], silence(1.0)])
-    segments = ended(run(VadSegmenter(VadConfig(min_speech_ms=250)), stream))
+    segments = ended(run(VadSegmenter(replace(DEFAULTS, min_speech_ms=250)), stream))
     assert len(segments) == 1
     assert_brackets(segments[0], audible_span(speech["short"], RATE // 2))
 
@@ -263,7 +265,7 @@ def test_the_same_short_utterance_is_kept_when_long_enough(speech):
 def test_a_loud_click_is_not_speech():
     click = np.random.default_rng(2).uniform(-0.8, 0.8, RATE // 20).astype(np.float32)  # 50 ms burst
     stream = np.concatenate([silence(0.5), click, silence(1.0)])
-    assert run(VadSegmenter(), stream) == []
+    assert run(VadSegmenter(DEFAULTS), stream) == []
 
 
 # --- configuration ---------------------------------------------------------------

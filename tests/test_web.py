@@ -6,6 +6,7 @@ the websocket Origin policy, and static serving without directory traversal."""
 import asyncio
 import http.client
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from streamsed.daemon.server import Daemon
 from streamsed.engine.loading import engine_from_model
 from tests.browser import PageErrors, WebSocketLog, artifact, chromium, http_get, requires_chromium
 from tests.speech import RATE, espeak, silence
-from tests.tiny_models import tiny_whisper
+from tests.tiny_models import NO_GUARD, tiny_whisper
 
 # Chromium reports refused websocket connections and fetches as console errors: expected while the
 # daemon restarts.
@@ -34,7 +35,7 @@ def engine():
 
 
 def config(**server):
-    return with_overrides(load_config(env={}), server={"port": 0, **server})
+    return with_overrides(load_config(env={}), server={"port": 0, **server}, guard=NO_GUARD)
 
 
 async def started(engine, **server) -> Daemon:
@@ -246,7 +247,8 @@ async def test_viewer_captions_and_a_daemon_restart(engine, speech):
             assert "waiting for captions" in await state(page, "idle", timeout=20_000)
 
             async with connect(f"{daemon.url}/v1/stream") as ws:  # new captions, from a real session
-                await ws.send(json.dumps({"type": "start", "stream": "room"}))
+                # English pinned: the random tiny model's language detection depends on the exact samples.
+                await ws.send(json.dumps({"type": "start", "stream": "room", "source_lang": "en"}))
                 for first in range(0, len(speech), 3200):
                     await ws.send(speech[first: first + 3200])
                 await ws.send(json.dumps({"type": "stop"}))
@@ -413,5 +415,47 @@ async def test_speaker_page_reconnects_and_reports_a_taken_stream(engine, microp
             await page.click("#stop")
             await state(page, "stopped", timeout=30_000)
             errors.check()
+    finally:
+        await daemon.stop()
+
+
+@requires_chromium
+async def test_speaker_page_over_https_on_a_lan_address_with_a_token(engine, microphone_wav, tmp_path):
+    """getUserMedia needs a secure context off localhost: the daemon's own TLS on 127.0.0.2 gives it,
+    and the page carries the ?token= of its URL into its socket and its links."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=streamsed",
+                    "-addext", "subjectAltName=IP:127.0.0.2", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    daemon = await started(engine, host="127.0.0.2", tls_cert=str(cert), tls_key=str(key), auth_tokens=["tok3n"])
+    try:
+        async with chromium(microphone=microphone_wav) as browser:
+            context = await browser.new_context(ignore_https_errors=True)  # the self-signed certificate
+            page = await context.new_page()
+            errors = PageErrors(page)
+            sockets = WebSocketLog(page)
+            opened = []
+            page.on("websocket", lambda ws: opened.append(ws.url))
+            await page.goto(f"https://127.0.0.2:{daemon.port}/speak?stream=tls-mic&token=tok3n")
+            assert await page.evaluate("window.isSecureContext")
+            await page.click("#start")
+            await page.locator(".line.final").first.wait_for(timeout=60_000)
+            assert opened and all(url.startswith("wss://127.0.0.2:") and "token=tok3n" in url for url in opened)
+            assert sockets.events("ready")[0]["stream"] == "tls-mic"
+            links = await page.locator("#links a").evaluate_all("links => links.map(a => a.href)")
+            assert links and all("token=tok3n" in href for href in links)
+            await page.click("#stop")
+            await state(page, "stopped", timeout=30_000)
+            errors.check()
+            # Without the token the same page gets nothing: its socket is refused with 401.
+            bare = await context.new_page()
+            refused = []
+            bare.on("websocket", lambda ws: ws.on("close", lambda _: refused.append(ws.url)))
+            await bare.goto(f"https://127.0.0.2:{daemon.port}/speak?stream=tls-mic")
+            await bare.click("#start")
+            await bare.wait_for_function("() => document.body.innerText.length > 0")
+            async with asyncio.timeout(15):
+                while not refused:
+                    await asyncio.sleep(0.1)
     finally:
         await daemon.stop()

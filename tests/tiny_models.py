@@ -154,3 +154,10 @@ def tiny_speech2text(seed=0):
     model.generation_config = GenerationConfig(decoder_start_token_id=EOS, pad_token_id=PAD, eos_token_id=None)
     extractor = Speech2TextFeatureExtractor(feature_size=80, num_mel_bins=80, return_attention_mask=True)
     return model, extractor, word_tokenizer()
+
+
+# A random tiny model's text is a loop of a few word ids, which the hallucination guard rightly drops
+# as "repetition". Tests of streaming mechanics on these models switch the guard off; the guard
+# itself is tested on whisper-base (test_fidelity.py) and without a model (test_guard.py).
+NO_GUARD = {"enabled": False}
+NO_GUARD_ENV = {"STREAMSED_GUARD__ENABLED": "false"}

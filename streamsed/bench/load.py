@@ -11,9 +11,9 @@ happened in real time, which is what a viewer waits:
 
 Before the streams, the same process measures U = one plain ``model.generate()`` of the file's
 median VAD segment (best of 3), and every lag is also given in units of U. The daemon is started as a
-subprocess (its RSS is read from /proc) unless ``--url`` points at a running one; engine busy % comes
-from its ``GET /v1/engine`` counters. Output: a table, JSON (``--json``) and a plot of lag vs N
-(``--plot``, matplotlib).
+subprocess (its RSS is read from /proc) unless ``--url`` points at a running one; engine busy % and
+the VAD cost (CPU ms Silero took per second of each stream's audio) come from its ``GET /v1/engine``
+counters. Output: a table, JSON (``--json``) and a plot of lag vs N (``--plot``, matplotlib).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class LoadResult:
     rss_mb: float | None
     lag_over_time: list[tuple[float, float]]  # (seconds into the run, final lag)
     draft_accepted_share: float | None = None
+    vad_ms_per_stream_second: float | None = None  # CPU ms Silero VAD took per second of each stream
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -213,6 +214,8 @@ async def run_level(ws_url: str, http_url: str, n: int, pcm: np.ndarray, rate: i
                 with_partial += 1
                 firsts.append(seen - (log.started + event["start"]))
     busy = (after["busy_seconds"] - before["busy_seconds"]) / wall
+    vad_audio = after["vad"]["audio_seconds"] - before["vad"]["audio_seconds"]
+    vad_ms = 1000 * (after["vad"]["cpu_seconds"] - before["vad"]["cpu_seconds"]) / vad_audio if vad_audio else None
     offered = after["draft_offered"] - before["draft_offered"]
     accepted = after["draft_accepted"] - before["draft_accepted"]
     return LoadResult(
@@ -222,6 +225,7 @@ async def run_level(ws_url: str, http_url: str, n: int, pcm: np.ndarray, rate: i
         partial_share=round(with_partial / segments, 3) if segments else None,
         finals_per_s=round(segments / wall, 3), engine_busy=round(min(busy, 1.0), 3), rss_mb=rss_mb(pid),
         lag_over_time=sorted(over_time), draft_accepted_share=round(accepted / offered, 3) if offered else None,
+        vad_ms_per_stream_second=round(vad_ms, 2) if vad_ms is not None else None,
     )
 
 
@@ -235,15 +239,17 @@ def format_table(report: dict) -> str:
     lines = [f"U = {u:.3f} s (one generate() of a {report['u_segment_seconds']:.1f} s segment); "
              f"{report['duration_s']:.0f} s of speech per stream; {report['date']}",
              "| streams | refused | segments | final lag p50 | p95 | max | first partial p50 | partial before final "
-             "| finals/s | engine busy | RSS |",
-             "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "| finals/s | engine busy | VAD per stream | RSS |",
+             "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in report["levels"]:
         share = "-" if r["partial_share"] is None else f"{100 * r['partial_share']:.0f}%"
         busy = "-" if r["engine_busy"] is None else f"{100 * r['engine_busy']:.0f}%"
         rss = "-" if r["rss_mb"] is None else f"{r['rss_mb']:.0f} MB"
+        vad = r.get("vad_ms_per_stream_second")
+        vad = "-" if vad is None else f"{vad:.1f} ms/s"
         lines.append(f"| {r['streams']} | {r['refused']} | {r['segments']} | {cell(r['final_lag_p50'])} | "
                      f"{cell(r['final_lag_p95'])} | {cell(r['final_lag_max'])} | {cell(r['first_partial_p50'])} | "
-                     f"{share} | {r['finals_per_s']:.2f} | {busy} | {rss} |")
+                     f"{share} | {r['finals_per_s']:.2f} | {busy} | {vad} | {rss} |")
     return "\n".join(lines)
 
 
@@ -284,7 +290,7 @@ def run_load_bench(args) -> int:
     from .decode import load_bench_audio
 
     try:
-        levels = [int(n) for n in args.streams.split(",")]
+        levels = [int(n) for n in (args.streams or "1,2,4,8").split(",")]
     except ValueError:
         raise UserError(f"--streams takes a comma-separated list of counts, e.g. 1,2,4,8; got {args.streams!r}") from None
     if not levels or min(levels) < 1:

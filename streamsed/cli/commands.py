@@ -39,19 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
                            help="seconds kept after the audio in the fast window (default 5, as [model] window_margin_s)")
 
     bench = commands.add_parser("bench", help="benchmarks (see bench/README.md)")
-    bench.add_argument("suite", choices=["decode", "window", "load"],
+    bench.add_argument("suite", choices=["decode", "window", "load", "soak"],
                        help="decode: engine vs generate() vs faster-whisper; window: WER and encoder time, exact vs "
-                            "fast; load: N real-time streams against the daemon")
+                            "fast; load: N real-time streams against the daemon; soak: RSS and lag over a long run")
     add_model_options(bench)
     bench.add_argument("--audio", default=None, help="audio file (default: synthesized English speech)")
     bench.add_argument("--repeat", type=int, default=3, help="timed runs per contender (best is reported)")
     bench.add_argument("--json", dest="json_path", default=None, help="also write results as JSON here")
-    bench.add_argument("--streams", default="1,2,4,8", help="load: concurrent stream counts (default 1,2,4,8)")
+    bench.add_argument("--streams", default=None,
+                       help="load: concurrent stream counts (default 1,2,4,8); soak: streams (default 2)")
+    bench.add_argument("--minutes", type=float, default=30.0, help="soak: how long (default 30)")
+    bench.add_argument("--listeners", type=int, default=2, help="soak: caption listeners per stream (default 2)")
     bench.add_argument("--duration", type=float, default=None,
                        help="load: seconds each stream talks (the file repeats; default: the file once)")
     bench.add_argument("--url", default=None, help="load: a running daemon (default: start one)")
     bench.add_argument("--config", default=None, help="load: settings file for the daemon it starts")
-    bench.add_argument("--plot", default=None, help="load: write a PNG plot of lag vs streams here")
+    bench.add_argument("--plot", default=None, help="load, soak: write a PNG plot here")
     bench.add_argument("--margins", default="0,1,2,3,5,8", help="window: fast-window margins in seconds")
 
     serve = commands.add_parser("serve", help="run the streaming daemon (websockets; see docs/protocol.md)")
@@ -126,7 +129,10 @@ def run_serve(args) -> int:
     logging.getLogger().setLevel(level)
     # websockets logs every HTTP probe and connection at INFO; keep that for debug.
     logging.getLogger("websockets").setLevel(level if level == "DEBUG" else "WARNING")
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon(config)
+    except ConfigError as error:  # an unreadable auth_tokens_file
+        raise UserError(str(error)) from None
     if config.mqtt.enabled:  # a sink: registered before source edges, so it is stopped after them
         from ..daemon.mqtt import MqttEdge
 
@@ -140,6 +146,8 @@ def run_serve(args) -> int:
         daemon.add_edge(MicrophoneEdge(config))
     try:
         asyncio.run(daemon.run())
+    except ConfigError as error:  # unreadable TLS files
+        raise UserError(str(error)) from None
     except OSError as error:  # e.g. the port is taken
         where = f"{config.server.host}:{config.server.port}"
         raise UserError(f"cannot serve on {where}: {error.strerror or error}") from None
@@ -147,6 +155,10 @@ def run_serve(args) -> int:
 
 
 def run_bench(args) -> int:
+    if args.suite == "soak":
+        from ..bench.soak import run_soak_bench
+
+        return run_soak_bench(args)
     if args.suite == "load":
         from ..bench.load import run_load_bench
 

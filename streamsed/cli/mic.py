@@ -325,7 +325,8 @@ class LocalBackend:
                                  encoding="pcm_s16le", source_lang=self.settings.source_lang,
                                  targets=list(self.settings.targets))
         self.session = StreamSession(options, self.worker, self.engine, self.emit,
-                                     vad_config=self.settings.vad, chunk_ms=self.settings.chunk_ms)
+                                     vad_config=self.settings.vad, chunk_ms=self.settings.chunk_ms,
+                                     guard=self.settings.guard)
 
     async def feed(self, data: bytes) -> None:
         if self.session is not None:
@@ -443,6 +444,7 @@ class ToolSettings:
     model: object  # ModelConfig
     vad: object  # VadConfig
     chunk_ms: int
+    guard: object = None  # GuardConfig (None: the defaults)
 
 
 def settings_from(args) -> ToolSettings:
@@ -481,7 +483,7 @@ def settings_from(args) -> ToolSettings:
         server=args.server, device=args.input_device if args.input_device is not None else (mic.device or None),
         sample_rate=rate, block_ms=block_ms, queue_blocks=mic.queue_blocks, retry_s=mic.retry_s,
         stream=args.stream, source_lang=source, targets=targets or [None], save=save, duration=args.duration,
-        model=model, vad=config.vad, chunk_ms=config.streaming.chunk_ms,
+        model=model, vad=config.vad, chunk_ms=config.streaming.chunk_ms, guard=config.guard,
     )
 
 

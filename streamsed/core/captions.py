@@ -1,4 +1,11 @@
-"""Caption and result formats from timed text segments: SRT, WebVTT, JSON lines, plain text (sans-I/O)."""
+"""Caption and result formats from timed text segments: SRT, WebVTT, JSON lines, plain text (sans-I/O).
+
+SRT and WebVTT follow the usual broadcast and streaming subtitle rules: a final longer than one cue
+is split at word boundaries into cues of at most ``MAX_LINES`` lines of ``MAX_LINE_CHARS``
+characters and at most ``MAX_CUE_S`` seconds, timed by the final's word timings (or, without them,
+in proportion to the characters). Cue ids are ``<segment>-<n>`` (WebVTT), so a cue keeps its id as
+later finals are added; SRT numbers its cues 1, 2, 3 ... in order, as the format requires.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ class Caption:
     start: float
     end: float
     text: str
+    words: list[dict] | None = None  # [{"word", "start", "end"}] in seconds: where to split long text
 
     def __post_init__(self) -> None:
         if self.index < 0:
@@ -45,35 +53,101 @@ def format_timestamp(seconds: float, fmt: str = "srt") -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{separators[fmt]}{millis:03d}"
 
 
-def to_srt(captions: Iterable[Caption]) -> str:
-    """Render SRT; cues are numbered ``index + 1`` because SRT counters start at 1.
+MAX_LINE_CHARS = 42
+MAX_LINES = 2
+MAX_CUE_S = 7.0
 
-    Captions whose text is blank are skipped: an empty cue shows nothing.
-    """
-    cues = []
-    for caption in captions:
-        lines = _text_lines(caption.text)
-        if not lines:
-            continue
-        timing = f"{format_timestamp(caption.start, 'srt')} --> {format_timestamp(caption.end, 'srt')}"
-        cues.append("\n".join([str(caption.index + 1), timing, *lines]) + "\n")
-    return "\n".join(cues)
+
+@dataclass(frozen=True)
+class Cue:
+    id: str  # "<segment>-<n>"
+    start: float
+    end: float
+    lines: list[str]
+
+
+def to_srt(captions: Iterable[Caption]) -> str:
+    """Render SRT; cues are numbered from 1 in order, as SRT requires. Blank captions are skipped."""
+    blocks = []
+    for number, cue in enumerate((cue for caption in captions for cue in split_cues(caption)), start=1):
+        timing = f"{format_timestamp(cue.start, 'srt')} --> {format_timestamp(cue.end, 'srt')}"
+        blocks.append("\n".join([str(number), timing, *cue.lines]) + "\n")
+    return "\n".join(blocks)
 
 
 def to_vtt(captions: Iterable[Caption]) -> str:
-    """Render WebVTT; the cue identifier is the segment index, so it stays stable as cues are added.
-
-    Captions whose text is blank are skipped: an empty cue shows nothing.
-    """
-    cues = ["WEBVTT\n"]
+    """Render WebVTT; cue ids are ``<segment>-<n>``, stable as cues are added. Blank captions are skipped."""
+    blocks = ["WEBVTT\n"]
     for caption in captions:
-        # Escaping '>' as well as '&' and '<' also keeps '-->' out of cue text, where it is not allowed.
-        lines = [html.escape(line, quote=False) for line in _text_lines(caption.text)]
-        if not lines:
-            continue
-        timing = f"{format_timestamp(caption.start, 'vtt')} --> {format_timestamp(caption.end, 'vtt')}"
-        cues.append("\n".join([str(caption.index), timing, *lines]) + "\n")
-    return "\n".join(cues)
+        for cue in split_cues(caption):
+            # Escaping '>' as well as '&' and '<' also keeps '-->' out of cue text, where it is not allowed.
+            lines = [html.escape(line, quote=False) for line in cue.lines]
+            timing = f"{format_timestamp(cue.start, 'vtt')} --> {format_timestamp(cue.end, 'vtt')}"
+            blocks.append("\n".join([cue.id, timing, *lines]) + "\n")
+    return "\n".join(blocks)
+
+
+def split_cues(caption: Caption) -> list[Cue]:
+    """One caption as subtitle cues: at most MAX_LINES x MAX_LINE_CHARS and MAX_CUE_S each, cut
+    between words. The first cue starts at the caption's start, the last ends at its end, and each
+    cut falls at the start of the next cue's first word, so the cues follow one another without gaps."""
+    words = _timed_words(caption)
+    if not words:
+        return []
+    groups: list[list[dict]] = [[]]
+    group_start = caption.start
+    for word in words:
+        current = groups[-1]
+        candidate = [w["word"] for w in current] + [word["word"]]
+        too_long = word["end"] - group_start > MAX_CUE_S and current
+        if current and (too_long or _wrap(candidate) is None):
+            groups.append([])
+            group_start = word["start"]
+        groups[-1].append(word)
+    cues = []
+    for n, group in enumerate(groups):
+        start = caption.start if n == 0 else group[0]["start"]
+        end = caption.end if n == len(groups) - 1 else groups[n + 1][0]["start"]
+        lines = _wrap([w["word"] for w in group]) or [" ".join(w["word"] for w in group)]
+        cues.append(Cue(f"{caption.index}-{n}", start, max(end, start), lines))
+    return cues
+
+
+def _timed_words(caption: Caption) -> list[dict]:
+    """The caption's words with times: its word timings when they cover its text, else the text's
+    words spread over the caption in proportion to their characters."""
+    text = " ".join(_text_lines(caption.text))
+    words = [w for w in caption.words or [] if w["word"].strip()]
+    if words and " ".join(w["word"].strip() for w in words).split() == text.split():
+        times = [(min(max(w["start"], caption.start), caption.end), min(max(w["end"], caption.start), caption.end))
+                 for w in words]
+        return [{"word": w["word"].strip(), "start": s, "end": max(e, s)} for w, (s, e) in zip(words, times)]
+    plain = text.split()
+    total = sum(len(w) + 1 for w in plain) or 1
+    span, position, timed = caption.end - caption.start, 0, []
+    for word in plain:
+        start = caption.start + span * position / total
+        position += len(word) + 1
+        timed.append({"word": word, "start": start, "end": caption.start + span * position / total})
+    return timed
+
+
+def _wrap(words: list[str]) -> list[str] | None:
+    """The words on at most MAX_LINES lines of at most MAX_LINE_CHARS, the break as balanced as
+    possible; None when they do not fit (a single over-long word still gets a line of its own)."""
+    one = " ".join(words)
+    if len(one) <= MAX_LINE_CHARS:
+        return [one]
+    if MAX_LINES < 2 or len(words) < 2:
+        return None
+    best = None
+    for cut in range(1, len(words)):
+        first, second = " ".join(words[:cut]), " ".join(words[cut:])
+        if len(first) <= MAX_LINE_CHARS and len(second) <= MAX_LINE_CHARS:
+            score = abs(len(first) - len(second))
+            if best is None or score < best[0]:
+                best = (score, [first, second])
+    return best[1] if best else None
 
 
 def _text_lines(text: str) -> list[str]:
@@ -94,9 +168,12 @@ class SegmentResult:
     source_lang: str | None
     target_lang: str | None
     text: str
+    avg_logprob: float | None = None  # the guard's scores (core/guard.py), when the model gives them
+    no_speech_prob: float | None = None
+    words: list[dict] | None = None  # [{"word", "start", "end"}] in stream seconds, when the model gives them
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, ensure_ascii=False)
 
 
 def format_results(results: list[SegmentResult], fmt: str) -> str:
@@ -104,7 +181,7 @@ def format_results(results: list[SegmentResult], fmt: str) -> str:
         return "".join(r.to_json() + "\n" for r in results)
     if fmt == "text":
         return "".join(r.text + "\n" for r in results)
-    captions = [Caption(r.segment, r.start, r.end, r.text) for r in results]
+    captions = [Caption(r.segment, r.start, r.end, r.text, r.words) for r in results]
     if fmt == "srt":
         return to_srt(captions)
     if fmt == "vtt":

@@ -42,6 +42,8 @@ class EngineInfo(Protocol):
 
     def check_target(self, target: Target) -> None: ...
 
+    def frame_classifier(self, vad): ...  # a fresh core.vad.FrameClassifier for one stream
+
 
 def parse_language(code: str | None, role: str) -> str | None:
     """Normalize a user-given language code; reject what cannot be a code before any model work."""

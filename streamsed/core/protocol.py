@@ -49,6 +49,8 @@ ERRORS: dict[str, tuple[int | None, str]] = {
     "stream_in_use": (CLOSE_POLICY, "another connection is already ingesting this stream id"),
     "too_many_sessions": (CLOSE_TRY_AGAIN, "the daemon is at max_sessions; retry later"),
     "not_ready": (CLOSE_TRY_AGAIN, "the model is still loading; retry when /readyz says 200"),
+    "too_many_listeners": (CLOSE_TRY_AGAIN, "the daemon is serving its maximum of max_listeners listeners"),
+    "idle_timeout": (CLOSE_POLICY, "no audio for idle_timeout_s: the session is finished and closed"),
     "overloaded": (CLOSE_TRY_AGAIN, "finals are behind their deadline; new streams are refused until they catch up"),
     "internal": (CLOSE_INTERNAL, "an unexpected server failure (a bug); the session ends"),
 }
@@ -106,12 +108,15 @@ def split_path(path: str) -> tuple[str, dict[str, str]]:
     return parts.path.rstrip("/") or "/", dict(parse_qsl(parts.query, keep_blank_values=True))
 
 
+TOKEN_PARAMETER = "token"  # ?token=: the access token (daemon/auth.py), checked before any option
+
+
 def start_options(query: Mapping[str, str], message: Mapping[str, Any] | None, defaults) -> StartOptions:
     """Merge config ``defaults`` (a StreamingConfig) < query parameters < the start message, validated."""
     given: dict[str, Any] = {}
     for source, values in (("query parameter", query), ("start field", message or {})):
         for key, value in values.items():
-            if key == "type" and source == "start field":
+            if (key == "type" and source == "start field") or (key == TOKEN_PARAMETER and source == "query parameter"):
                 continue
             if key not in START_FIELDS:
                 raise ProtocolError("bad_option", f"unknown {source} {key!r}; options are {', '.join(START_FIELDS)}")
@@ -158,7 +163,7 @@ def parse_languages(source: Any, targets: Any) -> tuple[str | None, list[str | N
 
 def caption_filter(query: Mapping[str, str]) -> tuple[str, str | None]:
     """The (stream, target_lang) a captions listener asks for."""
-    unknown = set(query) - {"stream", "target_lang"}
+    unknown = set(query) - {"stream", "target_lang", TOKEN_PARAMETER}
     if unknown:
         raise ProtocolError("bad_option", f"unknown query parameter {sorted(unknown)[0]!r}; use stream and target_lang")
     stream = query.get("stream", "")

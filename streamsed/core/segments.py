@@ -18,12 +18,13 @@ __all__ = ["segmenter_for", "segment_audio"]
 
 
 def segmenter_for(engine: EngineInfo, vad: VadConfig | None = None) -> VadSegmenter:
-    """A VAD segmenter whose forced cut keeps every segment inside the model's window."""
+    """A VAD segmenter whose forced cut keeps every segment inside the model's window; its frame
+    classifier (Silero or webrtcvad, ``[vad] engine``) comes from the engine."""
     vad = vad or VadConfig()
     window = engine.max_window_s
     if window is not None and vad.max_segment_s > window:
-        vad = VadConfig(**{**asdict(vad), "max_segment_s": window})
-    return VadSegmenter(vad, input_rate=MODEL_SAMPLE_RATE)
+        vad = VadConfig(**{**asdict(vad), "max_segment_s": window, "cut_search_s": min(vad.cut_search_s, window)})
+    return VadSegmenter(vad, input_rate=MODEL_SAMPLE_RATE, classifier=engine.frame_classifier(vad))
 
 
 def segment_audio(engine: EngineInfo, audio: np.ndarray, vad: VadConfig | None = None) -> list[SpeechEnded]:

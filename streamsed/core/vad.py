@@ -1,23 +1,33 @@
-"""Split a live audio stream into utterances with webrtcvad (sans-I/O).
+"""Split a live audio stream into utterances (sans-I/O).
 
 Feed samples as they arrive; get back ``SpeechStarted`` / ``SpeechEnded`` events.
 All offsets are sample indices into the 16 kHz stream the segmenter builds
 from its input (``MODEL_SAMPLE_RATE``), so ``SpeechEnded.audio`` is exactly
 ``stream[start:end]`` and can go straight to the model.
 
-How utterances are found (every frame is classified by webrtcvad):
+Every frame is classified speech / non-speech by a ``FrameClassifier``: webrtcvad
+(``WebrtcClassifier``, here) or Silero VAD (``streamsed.engine.voice``: a neural
+model, so it lives with the other models; the segmenter only sees its decisions).
+How utterances are found from those decisions:
 
 * Start: while idle, the last ``padding_ms`` of frames are kept in a ring. When
   more than ``start_ratio`` of the ring is voiced an utterance opens at the
   oldest frame in the ring, so the onset that led up to the trigger is kept
   as pre-roll.
 * End: the utterance closes once more than ``end_ratio`` of its last
-  ``end_silence_ms`` of frames are non-speech. Its end is trimmed to
-  ``padding_ms`` after the last voiced frame, so both sides carry the same
-  padding instead of half a second of trailing silence.
-* Forced cut: an utterance that would grow past ``max_segment_s`` is cut at
-  the frame boundary before the limit, and the next utterance opens at that
-  same sample (``next.start == previous.end``), so nothing is lost between them.
+  ``end_silence_ms`` of frames are non-speech (or ``pause_db`` below its loudest
+  frame: digital silence ends a pause at once). The longer it runs, the shorter
+  that pause: ``end_silence_schedule`` lists (seconds into the utterance, pause
+  in ms), by default 500 ms at first, 120 ms after 1.5 s and 90 ms after 3 s, so
+  continuous talk still closes at the breaths between sentences and captions
+  stay caption-sized (README "Segmentation" has the measurements behind them).
+  Its end is trimmed to ``padding_ms`` after the last voiced
+  frame, so both sides carry the same padding instead of trailing silence.
+* Forced cut: an utterance that would grow past ``max_segment_s`` is cut at the
+  quietest frame (lowest energy, non-speech frames first) of its last
+  ``cut_search_s``, so a cut falls into a dip between words whenever there is
+  one; the next utterance opens at that same sample (``next.start ==
+  previous.end``), so nothing is lost between them.
 * Short utterances: an utterance is announced with ``SpeechStarted`` only once
   it holds ``min_speech_ms`` of voiced frames. One that closes before that is
   dropped without any event and without using up a segment number, so every
@@ -31,6 +41,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import webrtcvad
@@ -51,10 +62,14 @@ def samples_to_seconds(samples: int) -> float:
 class VadConfig:
     """Segmentation settings; see the module docstring for how they interact."""
 
+    engine: str = "silero"
+    """Frame classifier: "silero" (neural, tells noise from speech) or "webrtc" (lighter, energy-like)."""
+    threshold: float = 0.5
+    """Silero: a frame is speech when its speech probability is above this."""
     aggressiveness: int = 2
     """webrtcvad mode, 0 (keeps most audio as speech) to 3 (strictest)."""
     frame_ms: int = 30
-    """Classification frame length; webrtcvad supports 10, 20 and 30 ms."""
+    """webrtcvad's frame length: 10, 20 or 30 ms (Silero's frame is fixed at 32 ms)."""
     padding_ms: int = 300
     """Pre-roll kept before the trigger, and padding kept after the last voiced frame."""
     start_ratio: float = 0.6
@@ -62,13 +77,35 @@ class VadConfig:
     end_ratio: float = 0.9
     """Close it when more than this share of the last end_silence_ms is non-speech."""
     end_silence_ms: int = 500
-    """How much (mostly) non-speech ends an utterance."""
+    """How much (mostly) non-speech ends an utterance (at its start; see end_silence_schedule)."""
+    end_silence_schedule: tuple[tuple[float, int], ...] = ((1.5, 120), (3.0, 90))
+    """(seconds into the utterance, end_silence_ms from then on), in increasing order."""
     min_speech_ms: int = 250
     """Drop utterances with less voiced audio than this (clicks, coughs, bumps)."""
-    max_segment_s: float = 30.0
-    """Longest segment; Whisper's input window is 30 s."""
+    max_segment_s: float = 15.0
+    """Longest segment (a 15 s caption is already long; Whisper's window is 30 s)."""
+    cut_search_s: float = 3.0
+    """A forced cut looks for the quietest frame in this many seconds before the limit."""
+    pause_db: float = 40.0
+    """A frame this many dB below the utterance's loudest counts as pause for the end rule, whatever
+    the classifier says (Silero's probability lags behind a sudden silence by 100-200 ms)."""
 
     def __post_init__(self) -> None:
+        if self.engine not in ("silero", "webrtc"):
+            raise ValueError(f"engine must be silero or webrtc, got {self.engine!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be between 0 and 1, got {self.threshold}")
+        self.end_silence_schedule = tuple((float(at), int(ms)) for at, ms in self.end_silence_schedule)
+        if [at for at, _ in self.end_silence_schedule] != sorted({at for at, _ in self.end_silence_schedule}):
+            raise ValueError("end_silence_schedule must list (seconds, ms) pairs in increasing seconds")
+        for at, ms in self.end_silence_schedule:
+            if at <= 0 or not self.frame_ms <= ms <= self.end_silence_ms:
+                raise ValueError(f"end_silence_schedule entry ({at:g}, {ms}): seconds must be positive and ms "
+                                 f"between frame_ms and end_silence_ms")
+        if not self.pause_db > 0:
+            raise ValueError(f"pause_db must be positive, got {self.pause_db}")
+        if not 0 < self.cut_search_s <= self.max_segment_s:
+            raise ValueError(f"cut_search_s must be positive and at most max_segment_s, got {self.cut_search_s}")
         if self.aggressiveness not in (0, 1, 2, 3):
             raise ValueError(f"aggressiveness must be 0, 1, 2 or 3, got {self.aggressiveness}")
         if self.frame_ms not in (10, 20, 30):
@@ -117,12 +154,36 @@ class SpeechEnded:
 VadEvent = SpeechStarted | SpeechEnded
 
 
+class FrameClassifier(Protocol):
+    """Speech or not, for consecutive frames of one 16 kHz stream (it may keep state between calls)."""
+
+    frame_samples: int
+
+    def classify(self, frames: np.ndarray) -> list[bool]:
+        """``frames``: float32 [n, frame_samples], in stream order; one decision per frame."""
+        ...
+
+
+class WebrtcClassifier:
+    """webrtcvad: a light GMM on spectral energy. Cheap, but it takes most noise for speech."""
+
+    def __init__(self, aggressiveness: int = 2, frame_ms: int = 30):
+        self._vad = webrtcvad.Vad(aggressiveness)
+        self.frame_samples = frame_ms * VAD_SAMPLE_RATE // 1000
+
+    def classify(self, frames: np.ndarray) -> list[bool]:
+        return [self._vad.is_speech(_to_pcm16_bytes(frame), VAD_SAMPLE_RATE) for frame in frames]
+
+
 @dataclass
 class _Utterance:
     start: int
     last_voiced_end: int  # equals start until a voiced frame arrives
     voiced_frames: int = 0
     segment: int | None = None  # assigned when announced with SpeechStarted
+    # (frame start, is speech, energy) of the latest frames, for choosing where a forced cut goes
+    frames: deque = field(default_factory=deque)
+    peak: float = 0.0  # RMS of its loudest frame so far
 
 
 class _SampleBuffer:
@@ -169,22 +230,30 @@ class VadSegmenter:
     One segmenter handles one stream: call ``flush()`` at its end.
     """
 
-    def __init__(self, config: VadConfig | None = None, input_rate: int = MODEL_SAMPLE_RATE):
-        self.config = config or VadConfig()
-        self._vad = webrtcvad.Vad(self.config.aggressiveness)
+    def __init__(self, config: VadConfig | None = None, input_rate: int = MODEL_SAMPLE_RATE,
+                 classifier: FrameClassifier | None = None):
+        self.config = config = config or VadConfig()
+        if classifier is None:
+            if config.engine != "webrtc":
+                raise ValueError(f"the {config.engine} VAD is a model: pass its classifier "
+                                 "(streamsed.engine.voice.frame_classifier)")
+            classifier = WebrtcClassifier(config.aggressiveness, config.frame_ms)
+        self._classifier = classifier
         self._resampler = StreamResampler(input_rate, VAD_SAMPLE_RATE)
-        self._frame_samples = self.config.frame_ms * VAD_SAMPLE_RATE // 1000
-        self._padding_samples = self.config.padding_ms * VAD_SAMPLE_RATE // 1000
-        self._max_segment_samples = int(self.config.max_segment_s * VAD_SAMPLE_RATE)
-        self._min_voiced_frames = max(1, math.ceil(self.config.min_speech_ms / self.config.frame_ms))
+        self._frame_samples = classifier.frame_samples
+        frame_ms = self._frame_samples * 1000 / VAD_SAMPLE_RATE
+        self._padding_samples = config.padding_ms * VAD_SAMPLE_RATE // 1000
+        self._max_segment_samples = int(config.max_segment_s * VAD_SAMPLE_RATE)
+        self._cut_search_frames = max(1, round(config.cut_search_s * 1000 / frame_ms))
+        self._pause_ratio = 10 ** (-config.pause_db / 20)
+        self._min_voiced_frames = max(1, math.ceil(config.min_speech_ms / frame_ms))
         # (frame start, is speech) of the latest frames while no utterance is open.
-        self._preroll: deque[tuple[int, bool]] = deque(
-            maxlen=math.ceil(self.config.padding_ms / self.config.frame_ms)
-        )
+        self._preroll: deque[tuple[int, bool, float]] = deque(maxlen=math.ceil(config.padding_ms / frame_ms))
+        # End rule: frames of pause needed, by utterance length (samples from its start).
+        self._end_windows = [(0, math.ceil(config.end_silence_ms / frame_ms))] + [
+            (int(at * VAD_SAMPLE_RATE), math.ceil(ms / frame_ms)) for at, ms in config.end_silence_schedule]
         # is-speech flags of the open utterance's latest frames, for the end rule.
-        self._recent: deque[bool] = deque(
-            maxlen=math.ceil(self.config.end_silence_ms / self.config.frame_ms)
-        )
+        self._recent: deque[bool] = deque(maxlen=self._end_windows[0][1])
         self._buffer = _SampleBuffer()
         self._next_frame = 0  # stream offset of the first sample not yet classified
         self._utterance: _Utterance | None = None
@@ -239,12 +308,16 @@ class VadSegmenter:
 
     def _classify_buffered_frames(self) -> list[VadEvent]:
         events: list[VadEvent] = []
-        while self._buffer.end - self._next_frame >= self._frame_samples:
-            frame_start = self._next_frame
-            frame = self._buffer.slice(frame_start, frame_start + self._frame_samples)
-            is_speech = self._vad.is_speech(_to_pcm16_bytes(frame), VAD_SAMPLE_RATE)
-            self._next_frame += self._frame_samples
-            self._on_frame(frame_start, is_speech, events)
+        count = (self._buffer.end - self._next_frame) // self._frame_samples
+        if count:
+            first = self._next_frame
+            frames = self._buffer.slice(first, first + count * self._frame_samples).reshape(count, -1)
+            decisions = self._classifier.classify(frames)
+            energies = np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
+            for n, (is_speech, energy) in enumerate(zip(decisions, energies.tolist())):
+                frame_start = first + n * self._frame_samples
+                self._next_frame = frame_start + self._frame_samples
+                self._on_frame(frame_start, bool(is_speech), energy, events)
         self._buffer.discard_before(self._oldest_needed_sample())
         return events
 
@@ -255,31 +328,55 @@ class VadSegmenter:
             return self._preroll[0][0]
         return self._next_frame
 
-    def _on_frame(self, frame_start: int, is_speech: bool, events: list[VadEvent]) -> None:
+    def _on_frame(self, frame_start: int, is_speech: bool, energy: float, events: list[VadEvent]) -> None:
         frame_end = frame_start + self._frame_samples
         if self._utterance is None:
-            self._preroll.append((frame_start, is_speech))
-            voiced = sum(speech for _, speech in self._preroll)
+            self._preroll.append((frame_start, is_speech, energy))
+            voiced = sum(speech for _, speech, _ in self._preroll)
             if voiced > self.config.start_ratio * self._preroll.maxlen:
-                self._utterance = _Utterance(start=self._preroll[0][0], last_voiced_end=self._preroll[0][0])
-                for preroll_start, preroll_speech in self._preroll:
-                    self._add_frame(preroll_start, preroll_speech, events)
+                self._open(self._preroll[0][0], list(self._preroll), events)
                 self._preroll.clear()
             return
 
         if frame_end - self._utterance.start > self._max_segment_samples:
-            self._close_utterance(frame_start, events)
-            # Still inside speech (the end rule has not fired): continue in a new segment.
-            self._utterance = _Utterance(start=frame_start, last_voiced_end=frame_start)
-        self._add_frame(frame_start, is_speech, events)
+            self._force_cut(events)
+        self._add_frame(frame_start, is_speech, energy, events)
 
-        unvoiced = len(self._recent) - sum(self._recent)
-        if unvoiced > self.config.end_ratio * self._recent.maxlen:
+        needed = self._pause_frames(frame_end - self._utterance.start)
+        recent = list(self._recent)[-needed:]
+        if len(recent) == needed and recent.count(False) > self.config.end_ratio * needed:
             self._close_utterance(self._natural_end(frame_end), events)
             self._recent.clear()
 
-    def _add_frame(self, frame_start: int, is_speech: bool, events: list[VadEvent]) -> None:
+    def _pause_frames(self, length: int) -> int:
+        """Frames of pause that end an utterance ``length`` samples long (end_silence_schedule)."""
+        return [frames for at, frames in self._end_windows if length >= at][-1]
+
+    def _open(self, start: int, frames: list[tuple[int, bool, float]], events: list[VadEvent]) -> None:
+        self._utterance = _Utterance(start=start, last_voiced_end=start)
+        for frame in frames:
+            self._add_frame(*frame, events)
+
+    def _force_cut(self, events: list[VadEvent]) -> None:
+        """The utterance reached max_segment_s without a pause: cut it at the quietest recent frame
+        (non-speech first, then lowest energy, then latest) and go on in a new segment from there."""
+        frames = list(self._utterance.frames)[-self._cut_search_frames:]
+        cut = min(range(len(frames)), key=lambda i: (frames[i][1], frames[i][2], -i))
+        cut_at = frames[cut][0]
+        if cut_at <= self._utterance.start:  # nothing to search in: cut at the limit itself
+            cut_at, cut = frames[-1][0] + self._frame_samples, len(frames)
+        self._close_utterance(cut_at, events)
+        self._recent.clear()
+        # Still inside speech (the end rule has not fired): the frames after the cut start the next one.
+        self._open(cut_at, frames[cut:], events)
+
+    def _add_frame(self, frame_start: int, is_speech: bool, energy: float, events: list[VadEvent]) -> None:
         utterance = self._utterance
+        utterance.peak = max(utterance.peak, energy)
+        is_speech = is_speech and energy >= utterance.peak * self._pause_ratio  # pause_db: silence is silence
+        utterance.frames.append((frame_start, is_speech, energy))
+        if len(utterance.frames) > self._cut_search_frames:
+            utterance.frames.popleft()
         self._recent.append(is_speech)
         if is_speech:
             utterance.voiced_frames += 1

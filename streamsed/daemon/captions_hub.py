@@ -89,6 +89,8 @@ class CaptionsHub:
         self._live: set[str] = set()
         self._observers: list[Callable[[dict], None]] = []
         self._finals: dict[str, deque[dict]] = {}  # insertion order = least recently active first
+        self.dropped: dict[str, int] = {}  # finals the hallucination guard rejected, by reason
+        self.event_hook: Callable[[dict], None] | None = None  # sees every event of every stream (metrics)
 
     def add_observer(self, observer: Callable[[dict], None]) -> None:
         """Call ``observer(event)`` for every partial/final of every stream (it must not block)."""
@@ -125,12 +127,27 @@ class CaptionsHub:
             if not listeners:
                 del self._listeners[listener.stream]
 
+    def listener_count(self) -> int:
+        return sum(len(listeners) for listeners in self._listeners.values())
+
     def listeners(self, stream: str) -> list[Listener]:
         return list(self._listeners.get(stream, ()))
 
     def publish(self, event: dict) -> None:
         """Queue a partial/final for every interested listener of its stream; other events are ignored."""
+        if self.event_hook is not None:
+            try:
+                self.event_hook(event)
+            except Exception:
+                log.exception("event hook failed")
         if event.get("type") not in CAPTION_EVENTS:
+            return
+        if event["type"] == "final" and event.get("dropped"):
+            # Not speech (core/guard.py): no export, no MQTT; listeners only learn to clear the line.
+            self.dropped[event["dropped"]] = self.dropped.get(event["dropped"], 0) + 1
+            for listener in self._listeners.get(event["stream"], ()):
+                if listener.wants(event):
+                    listener.offer(event)
             return
         if event["type"] == "final":
             self._keep_final(event)

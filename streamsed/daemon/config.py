@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from ..core.guard import GuardConfig
 from ..core.vad import VadConfig
 
 ENV_PREFIX = "STREAMSED_"
@@ -37,6 +38,15 @@ class ServerConfig:
     shed_after_s: float = 10.0
     # Origins (scheme://host[:port]) whose pages may open the websockets, besides same-origin pages.
     allowed_origins: list[str] = field(default_factory=list)
+    # Access tokens (streamsed/daemon/auth.py); [] and "" = no authentication.
+    auth_tokens: list[str] = field(default_factory=list)
+    auth_tokens_file: str = ""
+    public_captions: bool = False  # with tokens: viewers, listeners and exports need none (ingest does)
+    tls_cert: str = ""  # PEM files: serve https and wss on the same port
+    tls_key: str = ""
+    max_connections_per_client: int = 8  # open websockets per client address
+    max_listeners: int = 256
+    idle_timeout_s: float = 60.0  # an ingest session that sends no audio this long is closed; 0 = never
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     vad: VadConfig = field(default_factory=VadConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     microphone: MicrophoneConfig = field(default_factory=MicrophoneConfig)
@@ -144,10 +155,13 @@ def load_config(
             continue
         section, key = _known(*dotted.split(".", 1), where=f"override {dotted!r}")
         values[section][key] = _check_type(section, key, value, f"{section}.{key}")
-    try:
-        config = Config(**{name: SECTIONS[name](**v) for name, v in values.items()})
-    except ValueError as error:  # VadConfig's own checks
-        raise ConfigError(f"[vad] {error}") from None
+    sections = {}
+    for name, settings in values.items():
+        try:
+            sections[name] = SECTIONS[name](**settings)
+        except ValueError as error:  # a section's own checks (VadConfig, GuardConfig)
+            raise ConfigError(f"[{name}] {error}") from None
+    config = Config(**sections)
     _validate(config)
     return config
 
@@ -191,6 +205,12 @@ def _check_type(section: str, key: str, value: Any, where: str) -> Any:
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return list(value)
         raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+    if kind is tuple:  # [vad] end_silence_schedule: [[seconds, ms], ...]
+        if isinstance(value, (list, tuple)) and all(
+                isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair) for pair in value):
+            return tuple((float(at), int(ms)) for at, ms in value)
+        raise ConfigError(f"{where} must be a list of [seconds, ms] pairs, got {value!r}")
     if type(value) is not kind:
         raise ConfigError(f"{where} must be {_type_name(kind)}, got {value!r}")
     return value
@@ -206,6 +226,9 @@ def _parse_env(section: str, key: str, text: str, name: str) -> Any:
             return lowered in ("1", "true", "yes", "on")
         if kind is list:
             return [item.strip() for item in text.split(",") if item.strip()]
+        if kind is tuple:  # "5:200,10:100"
+            pairs = [item.split(":") for item in text.split(",") if item.strip()]
+            return tuple((float(at), int(ms)) for at, ms in pairs)
         return kind(text.strip()) if kind is not str else text
     except ValueError:
         raise ConfigError(f"environment variable {name} must be {_type_name(kind)}, got {text!r}") from None
@@ -213,7 +236,7 @@ def _parse_env(section: str, key: str, text: str, name: str) -> Any:
 
 def _type_name(kind: type) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            list: "a comma-separated list"}[kind]
+            list: "a comma-separated list", tuple: "seconds:ms pairs like 5:200,10:100"}[kind]
 
 
 def _validate(config: Config) -> None:
@@ -227,6 +250,10 @@ def _validate(config: Config) -> None:
         (server.shed_after_s >= 0, "[server] shed_after_s must be 0 (never shed) or positive"),
         (server.max_frame_bytes >= 1024, "[server] max_frame_bytes must be at least 1024"),
         (server.ping_interval_s > 0, "[server] ping_interval_s must be positive"),
+        (bool(server.tls_cert) == bool(server.tls_key), "[server] tls_cert and tls_key go together"),
+        (server.max_connections_per_client >= 1, "[server] max_connections_per_client must be at least 1"),
+        (server.max_listeners >= 1, "[server] max_listeners must be at least 1"),
+        (server.idle_timeout_s >= 0, "[server] idle_timeout_s must be 0 (never) or positive"),
         (all(valid_origin_setting(o) for o in server.allowed_origins),
          "[server] allowed_origins entries must be \"*\" or scheme://host[:port] (http or https, no path), "
          f"got {server.allowed_origins!r}"),

@@ -599,7 +599,8 @@ class MicrophoneEdge:
         options = SessionOptions(stream=self.stream, sample_rate=opened.sample_rate, encoding="pcm_s16le",
                                  source_lang=source, targets=targets)
         self.session = StreamSession(options, self.daemon.worker, self.daemon.engine, self._emit,
-                                     vad_config=self.config.vad, chunk_ms=self.config.streaming.chunk_ms)
+                                     vad_config=self.config.vad, chunk_ms=self.config.streaming.chunk_ms,
+                                     guard=self.config.guard)
         self.daemon.sessions[self.stream] = self.session
         self.sessions_started += 1
 

@@ -25,11 +25,14 @@ still reach the sinks. Live sessions of every kind are in ``Daemon.sessions`` by
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import signal
+import ssl
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Protocol
@@ -41,9 +44,9 @@ from ..core import protocol
 from ..core.audio import AudioError
 from ..core.languages import UnsupportedTarget, resolve_targets
 from ..core.protocol import ProtocolError, close_reason, encode, error_event
-from . import web_routes
+from . import auth, web_routes
 from .captions_hub import CaptionsHub
-from .config import Config
+from .config import Config, ConfigError
 from .session import SessionOptions, StreamSession
 
 if TYPE_CHECKING:  # the daemon edge never touches torch itself: the worker and engine do
@@ -88,6 +91,15 @@ class Daemon:
         self.shed_streams = 0  # ingest sessions closed to bring an overloaded engine back within its deadline
         self.edges: list[Edge] = []
         self.sessions: dict[str, StreamSession] = {}  # live sessions by stream id (any source)
+        try:
+            self.tokens = auth.load_tokens(config.server.auth_tokens, config.server.auth_tokens_file)
+        except OSError as error:
+            raise ConfigError(f"[server] auth_tokens_file: {error}") from None
+        self._connections: Counter[str] = Counter()  # open websockets per client address
+        from .metrics import Metrics
+
+        self.metrics = Metrics(self)
+        self.hub.event_hook = self.metrics.observe
 
     def add_edge(self, edge: Edge) -> None:
         """Register before ``start``; see the module doc for the start/stop order."""
@@ -104,17 +116,33 @@ class Daemon:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.config.server.host}:{self.port}"
+        scheme = "wss" if self.config.server.tls_cert else "ws"
+        return f"{scheme}://{self.config.server.host}:{self.port}"
 
     async def start(self) -> None:
         """Listen now; the model loads in the background (``wait_ready`` waits for it)."""
         server = self.config.server
         self._server = await serve(
             self._handle, server.host, server.port, process_request=self._http,
-            max_size=4 * server.max_frame_bytes, compression=None,
+            max_size=4 * server.max_frame_bytes, compression=None, ssl=self._tls_context(),
             ping_interval=server.ping_interval_s, ping_timeout=server.ping_interval_s,
         )
+        if not self.tokens and not _is_loopback(server.host):
+            log.warning("listening on %s without auth_tokens: anyone who can reach it can stream, read captions "
+                        "and list streams (README \"Deploying\")", server.host)
         self._load_task = asyncio.create_task(self._load())
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """https and wss on the same port when [server] tls_cert and tls_key are set."""
+        server = self.config.server
+        if not server.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(server.tls_cert, server.tls_key)
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigError(f"[server] tls_cert/tls_key: {error}") from None
+        return context
 
     def _load_configured_model(self) -> Engine:
         from ..engine.loading import load_engine
@@ -224,7 +252,21 @@ class Daemon:
 
     # -- HTTP and routing -----------------------------------------------------------------------
     def _http(self, connection: ServerConnection, request):
-        path, _ = protocol.split_path(request.path)
+        path, query = protocol.split_path(request.path)
+        if self.tokens and auth.needs_token(path, static_pages=web_routes.PAGES.keys(),
+                                            public_captions=self.config.server.public_captions):
+            if not auth.token_ok(self.tokens, auth.presented_token(request.headers, query)):
+                response = connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="streamsed"'
+                return response
+        if path in (protocol.STREAM_PATH, protocol.CAPTIONS_PATH):
+            client = _client_address(connection)
+            if self._connections[client] >= self.config.server.max_connections_per_client:
+                most = self.config.server.max_connections_per_client
+                return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, f"too many connections from this address "
+                                          f"(max_connections_per_client = {most})\n")
+        if path == "/metrics":
+            return web_routes.metrics(self)
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
@@ -242,10 +284,21 @@ class Daemon:
         if page is not None:
             return page
         endpoints = (f"/healthz /readyz ws:{protocol.STREAM_PATH} ws:{protocol.CAPTIONS_PATH} / /captions /speak "
-                     f"{web_routes.STREAMS_PATH} {web_routes.STREAMS_PATH}/ID/captions.vtt|.srt|.jsonl {web_routes.ENGINE_PATH}")
+                     f"{web_routes.STREAMS_PATH} {web_routes.STREAMS_PATH}/ID/captions.vtt|.srt|.jsonl "
+                     f"{web_routes.ENGINE_PATH} /metrics")
         return connection.respond(HTTPStatus.NOT_FOUND, f"not found; endpoints: {endpoints}\n")
 
     async def _handle(self, ws: ServerConnection) -> None:
+        client = _client_address(ws)
+        self._connections[client] += 1
+        try:
+            await self._serve_socket(ws)
+        finally:
+            self._connections[client] -= 1
+            if self._connections[client] <= 0:
+                del self._connections[client]
+
+    async def _serve_socket(self, ws: ServerConnection) -> None:
         path, query = protocol.split_path(ws.request.path)
         if path == protocol.CAPTIONS_PATH:
             await self._captions(ws, query)
@@ -278,6 +331,10 @@ class Daemon:
             stream, target_lang = protocol.caption_filter(query)
         except ProtocolError as error:
             await refuse(ws, error)
+            return
+        if self.hub.listener_count() >= self.config.server.max_listeners:
+            await refuse(ws, ProtocolError("too_many_listeners", f"the daemon is serving its maximum of "
+                                           f"{self.config.server.max_listeners} listeners; retry later"))
             return
         listener = self.hub.subscribe(stream, target_lang)
         if self._stopping:
@@ -389,8 +446,20 @@ class _Ingest:
                 pass  # client gone: listeners still get the events through the hub
 
     async def _process(self) -> tuple[int, str]:
+        idle = self.config.server.idle_timeout_s
+        last_audio = time.monotonic()
         while True:
-            item = await self.inbox.get()
+            try:
+                item = await asyncio.wait_for(self.inbox.get(), idle - (time.monotonic() - last_audio)) \
+                    if idle else await self.inbox.get()
+            except TimeoutError:  # a client that holds a session slot without talking
+                error = ProtocolError("idle_timeout", f"no audio for {idle:g} s (idle_timeout_s); the session is "
+                                      "finished and closed")
+                self.reply(error.event())
+                await self._finish()
+                return error.close_code, close_reason(error.code, error.message)
+            if isinstance(item, bytes):
+                last_audio = time.monotonic()
             if item is _GONE or item is _SHUTDOWN or item is _SHED:
                 if item is _SHED:
                     self.reply(SHED_ERROR.event())
@@ -438,7 +507,7 @@ class _Ingest:
         try:
             self.session = StreamSession(
                 session_options, self.daemon.worker, engine, self.emit,
-                vad_config=self.config.vad, chunk_ms=self.config.streaming.chunk_ms,
+                vad_config=self.config.vad, chunk_ms=self.config.streaming.chunk_ms, guard=self.config.guard,
             )
         except (UnsupportedTarget, AudioError) as error:
             raise ProtocolError("unsupported_language" if isinstance(error, UnsupportedTarget) else "bad_option",
@@ -468,3 +537,17 @@ class _Ingest:
         if self.session is not None:
             session, self.session = self.session, None
             await session.finish()
+
+
+def _client_address(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    return str(address[0]) if address else "?"
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

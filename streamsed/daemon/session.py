@@ -8,12 +8,13 @@ get produced and emitted (to whatever ``emit`` now does with them).
 Per stream:
 
 * Audio is decoded (``pcm_s16le`` / ``pcm_f32le``), resampled to 16 kHz and segmented by the VAD
-  (``translate.segmenter_for``, whose forced cut keeps segments inside the model window).
+  (``core.segments.segmenter_for``, the same segmenter as ``streamsed translate``), whose frame
+  classifier runs on one VAD thread shared by all sessions, never on the event loop.
 * While an utterance is open, every ``chunk_ms`` of new audio a *partial* request for the utterance
   so far is queued on the worker, at most one in flight per session (later chunks wait for it).
   Its hypotheses go through LocalAgreement-2, one per target: ``stable`` never changes once sent.
 * When an utterance closes, a *final* request for exactly the segment's audio is queued: the same
-  audio the offline pipeline (``translate.segment_audio``) cuts, so the final equals its output.
+  audio the offline pipeline (``core.segments.segment_audio``) cuts, so the final equals its output.
 * Finals are emitted in segment order, and a partial of segment n is dropped once n's final is out.
 
 Requests are queued synchronously inside ``feed``, so the worker can start on them before ``feed``
@@ -23,6 +24,7 @@ returns; the session awaits their results in background tasks and never blocks `
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..core.audio import MODEL_SAMPLE_RATE, StreamResampler, pcm_to_float32
+from ..core.guard import GuardConfig, drop_reason
 from ..core.languages import Target, parse_language, resolve_targets
 from ..core.segments import segmenter_for
 from ..core.stabilize import LocalAgreement
@@ -58,6 +61,21 @@ class SessionOptions:
     targets: list[str | None] = field(default_factory=lambda: [None])  # None: the model's default
 
 
+# Frame classification (Silero is a neural network) runs here, off the event loop; one thread for all
+# streams keeps each stream's frames in order and leaves the other core to the speech model.
+_VAD_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamsed-vad")
+
+
+async def _in_vad_thread(function, *args):
+    return await asyncio.get_running_loop().run_in_executor(_VAD_THREAD, function, *args)
+
+
+def _scores(hypothesis) -> dict:
+    """The guard's inputs, rounded for the wire; absent when the model does not give them."""
+    scores = {"avg_logprob": hypothesis.avg_logprob, "no_speech_prob": hypothesis.no_speech_prob}
+    return {key: round(value, 4) for key, value in scores.items() if value is not None}
+
+
 def _seconds(samples: int) -> float:
     """Stream offset in seconds with millisecond precision, as every event carries it."""
     return round(samples_to_seconds(samples), 3)
@@ -75,6 +93,7 @@ class StreamSession:
         *,
         vad_config: VadConfig | None = None,
         chunk_ms: int = 500,
+        guard: GuardConfig | None = None,
     ):
         if chunk_ms <= 0:
             raise ValueError(f"chunk_ms must be positive, got {chunk_ms}")
@@ -87,6 +106,7 @@ class StreamSession:
         pcm_to_float32(b"", options.encoding)  # raises AudioError for an unknown encoding now
         self._resampler = StreamResampler(options.sample_rate, MODEL_SAMPLE_RATE)  # AudioError: bad rate
         self._segmenter = segmenter_for(engine_info, vad_config)
+        self._guard = guard or GuardConfig()
         self._worker = worker
         self._engine_info = engine_info
         self._emit_callback = emit
@@ -114,7 +134,7 @@ class StreamSession:
         arrived = time.monotonic()  # a final's latency counts from the audio that closed its segment
         samples = self._resampler.process(pcm_to_float32(data, self.options.encoding))
         self._received += len(samples)
-        self._handle(self._segmenter.feed(samples), arrived)
+        self._handle(await _in_vad_thread(self._segmenter.feed, samples), arrived)
         self._maybe_request_partial()
         if self._finals_in_flight > MAX_FINALS_IN_FLIGHT:
             # Audio arrives faster than the model finalizes it (a file sent as fast as possible, an
@@ -132,7 +152,7 @@ class StreamSession:
             arrived = time.monotonic()
             tail = self._resampler.process(np.zeros(0, dtype=np.float32), last=True)
             self._received += len(tail)
-            events = self._segmenter.feed(tail) + self._segmenter.flush()
+            events = await _in_vad_thread(lambda: self._segmenter.feed(tail) + self._segmenter.flush())
             if self._partial is not None:
                 self._partial.cancel()  # the utterance is closing: its final supersedes any partial
             self._handle(events, arrived)
@@ -196,6 +216,8 @@ class StreamSession:
             drafts[target] = hypothesis.tokens
         agreements = self._agreements.setdefault(segment, {})
         for hypothesis in hypotheses:  # keyed by target: set_targets() may change them between partials
+            if self._dropped(hypothesis):
+                continue  # noise so far, or a loop: show nothing (the final decides for good)
             agreement = agreements.setdefault(hypothesis.target, LocalAgreement())
             stable, unstable = agreement.update(hypothesis.text)
             self._emit({"type": "partial", "stream": self.stream, "segment": segment,
@@ -229,11 +251,24 @@ class StreamSession:
             return
         latency_ms = round((time.monotonic() - arrived) * 1000)
         for hypothesis in hypotheses:
-            self._emit({"type": "final", "stream": self.stream, "segment": ended.segment,
-                        "source_lang": hypothesis.target.source_lang, "target_lang": hypothesis.target.target_lang,
-                        "text": hypothesis.text, "start": _seconds(ended.start), "end": _seconds(ended.end),
-                        "latency_ms": latency_ms, "window": hypothesis.window, "queued_ms": hypothesis.queued_ms,
-                        "compute_ms": hypothesis.compute_ms})
+            event = {"type": "final", "stream": self.stream, "segment": ended.segment,
+                     "source_lang": hypothesis.target.source_lang, "target_lang": hypothesis.target.target_lang,
+                     "text": hypothesis.text, "start": _seconds(ended.start), "end": _seconds(ended.end),
+                     "latency_ms": latency_ms, "window": hypothesis.window, "queued_ms": hypothesis.queued_ms,
+                     "compute_ms": hypothesis.compute_ms, **_scores(hypothesis)}
+            if hypothesis.words is not None:  # word timings, in stream seconds like start and end
+                offset = samples_to_seconds(ended.start)
+                event["words"] = [{"word": w["word"], "start": round(w["start"] + offset, 3),
+                                   "end": round(w["end"] + offset, 3)} for w in hypothesis.words]
+            reason = self._dropped(hypothesis)
+            if reason:
+                log.info("stream %s: segment %d dropped (%s): %r", self.stream, ended.segment, reason, hypothesis.text)
+                event.update(text="", dropped=reason)
+                event.pop("words", None)
+            self._emit(event)
+
+    def _dropped(self, hypothesis) -> str | None:
+        return drop_reason(hypothesis.text, hypothesis.avg_logprob, hypothesis.no_speech_prob, self._guard)
 
     # -- plumbing -----------------------------------------------------------------------------------
     def _submit(self, audio: np.ndarray, kind: str, segment: int, targets: list[Target]) -> asyncio.Future:

@@ -139,15 +139,23 @@ def engine_status(daemon) -> Response:
     stats = dataclasses.asdict(worker.stats)
     body = {"model": daemon.engine.name, "device": str(daemon.engine.device), "windows": worker.windows,
             "final_deadline_ms": round(worker.final_deadline_s * 1000), "overloaded": worker.overloaded,
-            "shed_streams": daemon.shed_streams, "uptime_s": round(time.monotonic() - worker.started_at, 3), **stats}
+            "shed_streams": daemon.shed_streams, "dropped": daemon.hub.dropped,
+            "vad": daemon.engine.vad_stats(), "uptime_s": round(time.monotonic() - worker.started_at, 3), **stats}
     return response(HTTPStatus.OK, json.dumps(body) + "\n", "application/json; charset=utf-8")
+
+
+def metrics(daemon) -> Response:
+    """``GET /metrics``: Prometheus text format (``daemon/metrics.py``)."""
+    from .metrics import CONTENT_TYPE
+
+    return response(HTTPStatus.OK, daemon.metrics.render(), CONTENT_TYPE)
 
 
 # -- export -----------------------------------------------------------------------------------------
 def export(hub, stream: str, fmt: str, query: dict[str, str], headers: dict[str, str] | None = None) -> Response:
     if not _STREAM_ID.match(stream):
         return text(HTTPStatus.NOT_FOUND, f"no stream {stream!r}: stream ids are 1-128 of A-Z a-z 0-9 . _ : -")
-    unknown = set(query) - {"target_lang"}
+    unknown = set(query) - {"target_lang", "token"}
     if unknown:
         first = sorted(unknown)[0]
         return text(HTTPStatus.BAD_REQUEST, f"unknown query parameter {first!r}; the only one is target_lang")
@@ -205,6 +213,8 @@ def export_rows(finals: list[dict], target_lang: str | None = None) -> list[dict
                 "source_lang": final.get("source_lang"),
                 "target_lang": final["target_lang"],
                 "text": final["text"],
+                **({"words": [{**w, "start": round(time_offset + w["start"], 3), "end": round(time_offset + w["end"], 3)}
+                              for w in final["words"]]} if final.get("words") is not None else {}),
             })
     return rows
 
@@ -212,7 +222,7 @@ def export_rows(finals: list[dict], target_lang: str | None = None) -> list[dict
 def render(rows: list[dict], fmt: str) -> str:
     if fmt == "jsonl":
         return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    captions = [Caption(row["segment"], row["start"], row["end"], row["text"]) for row in rows]
+    captions = [Caption(row["segment"], row["start"], row["end"], row["text"], row.get("words")) for row in rows]
     return to_vtt(captions) if fmt == "vtt" else to_srt(captions)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,6 +39,7 @@ from transformers import (
     SuppressTokensLogitsProcessor,
 )
 
+from ..core.guard import compression_ratio
 from ..core.languages import Target, UnsupportedTarget
 from .families import Family, family_for
 
@@ -93,17 +93,19 @@ class Hypothesis:
     draft_accepted: int = 0  # of those, how many the model's own greedy choice confirmed
     queued_ms: int = 0  # set by the worker: wait before its batch started
     compute_ms: int = 0  # set by the worker: run time of its batch
+    # Mean log-probability of the tokens and the final EOS (openai-whisper's avg_logprob), from the
+    # scores after generate()'s logits processors.
+    avg_logprob: float | None = None
+    # Whisper: probability of <|nospeech|> right after <|startoftranscript|> (None for other models).
+    no_speech_prob: float | None = None
+    # With word_timings (Whisper with alignment heads): [{"word", "start", "end"}], seconds from the
+    # utterance start; None when not asked for or not available.
+    words: list[dict] | None = None
 
     @property
     def looks_broken(self) -> bool:
         """A repetition loop: text that gzip compresses more than ``LOOP_COMPRESSION_RATIO``."""
         return compression_ratio(self.text) > LOOP_COMPRESSION_RATIO
-
-
-def compression_ratio(text: str) -> float:
-    """len(text) / len(gzip(text)), as openai-whisper computes it (0 for empty text)."""
-    data = text.encode()
-    return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
 @dataclass
@@ -155,6 +157,21 @@ class Engine:
     def check_target(self, target: Target) -> None:
         """Raise UnsupportedTarget with a clear message if the model cannot produce ``target``."""
         self.family.check_target(target)
+
+    def frame_classifier(self, vad):
+        """A fresh voice-activity classifier for one stream (``[vad] engine``: Silero or webrtcvad)."""
+        from .voice import frame_classifier
+
+        return frame_classifier(vad)
+
+    @staticmethod
+    def vad_stats() -> dict:
+        """CPU time Silero VAD took per second of audio it classified, over the whole process."""
+        from .voice import VAD_STATS
+
+        ms = VAD_STATS.ms_per_audio_second
+        return {"cpu_seconds": round(VAD_STATS.cpu_seconds, 3), "audio_seconds": round(VAD_STATS.audio_seconds, 1),
+                "ms_per_audio_second": round(ms, 2) if ms is not None else None}
 
     def resolve_window(self, window: str) -> str:
         """The window a setting means here: ``auto`` is fast on CPU and exact on CUDA; models whose
@@ -280,7 +297,8 @@ class Engine:
         self.last_stats = stats
         return [
             Hypothesis(r.tokens, self.tokenizer.decode(r.tokens, skip_special_tokens=True).strip(), target,
-                       encoded.window, r.finished, r.draft_offered, r.draft_accepted)
+                       encoded.window, r.finished, r.draft_offered, r.draft_accepted,
+                       avg_logprob=r.avg_logprob, no_speech_prob=r.no_speech_prob)
             for r, (_, target) in zip(results, rows)  # targets with the detected source language
         ]
 
@@ -361,13 +379,16 @@ class Engine:
         pad = self.family.pad_token_id
         inputs = torch.tensor([p + d + [pad] * (longest - len(d)) for p, d in zip(prompts, drafts)], device=self.device)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        logits = self.family.logits(inputs, states, mask, cache, last=longest + 1).float()
+        logits = self.family.logits(inputs, states, mask, cache, last=inputs.shape[1]).float()
+        loop.record_no_speech(logits, prompts[0], list(range(len(prompts))), results)
+        logits = logits[:, prompt_length - 1:]  # logits[:, j] predicts draft token j
         stats.steps += 1
         stats.batch_sizes.append(len(prompts))
         eos_ids = set(self.family.eos_token_ids)
         continuing: dict[int, list[tuple[int, int]]] = {}  # accepted length -> [(row, next token)]
         for r, (prompt, draft) in enumerate(zip(prompts, drafts)):
-            accepted, token = self._accept(processors, prompt, draft, logits[r], max_new, eos_ids)
+            accepted, token, logprob = self._accept(processors, prompt, draft, logits[r], max_new, eos_ids)
+            results[r].logprob_sum += logprob
             results[r].tokens = draft[:accepted]
             results[r].draft_accepted = accepted
             stats.draft_offered += len(draft)
@@ -412,26 +433,28 @@ class Engine:
         return results
 
     @staticmethod
-    def _accept(processors, prompt, draft, logits, max_new, eos_ids) -> tuple[int, int | None]:
+    def _accept(processors, prompt, draft, logits, max_new, eos_ids) -> tuple[int, int | None, float]:
         """Greedy choices along a verified draft: (tokens of the draft accepted, the next token, or
-        None when the row ends there). ``logits[j]`` predicts the token after prompt + draft[:j]."""
+        None when the row ends there, the log-probability of all the tokens chosen, EOS included).
+        ``logits[j]`` predicts the token after prompt + draft[:j]."""
         sequence = torch.tensor([prompt + draft], device=logits.device)
         positions = min(len(draft), max_new - 1) + 1  # draft positions that can matter, plus the next
-        choices = _batched_choices(processors, sequence, len(prompt), logits[:positions])
-        accepted = 0
+        scores = _batched_scores(processors, sequence, len(prompt), logits[:positions])
+        accepted, logprob = 0, 0.0
         while accepted < max_new:
-            if choices is not None:
-                choice = choices[accepted]
+            if scores is not None:
+                row = scores[accepted]
             else:
-                scores = processors(sequence[:, : len(prompt) + accepted], logits[accepted : accepted + 1])
-                choice = int(scores.argmax(dim=-1))
+                row = processors(sequence[:, : len(prompt) + accepted], logits[accepted : accepted + 1])[0]
+            choice = int(row.argmax())
+            logprob += float(row.log_softmax(-1)[choice])
             if choice in eos_ids:
-                return accepted, None
+                return accepted, None, logprob
             if accepted < len(draft) and choice == draft[accepted]:
                 accepted += 1
                 continue
-            return accepted, choice
-        return accepted, None
+            return accepted, choice, logprob
+        return accepted, None, logprob
 
     def _logits_processors(self, prompt_length: int, input_length: int, max_length: int) -> LogitsProcessorList:
         """The greedy-relevant processors ``generate`` builds from the generation config.
@@ -468,6 +491,12 @@ class _Row:
     finished: bool = True
     draft_offered: int = 0
     draft_accepted: int = 0
+    logprob_sum: float = 0.0  # of every chosen token, EOS included
+    no_speech_prob: float | None = None
+
+    @property
+    def avg_logprob(self) -> float:
+        return self.logprob_sum / (len(self.tokens) + 1)
 
 
 class _Loop:
@@ -485,6 +514,29 @@ class _Loop:
         if self.should_stop is not None and self.should_stop():
             raise DecodeInterrupted(f"stopped after {self.stats.steps} decoder steps")
 
+    def prompt_logits(self, step_input, states, mask, cache, live: list[int], results: list[_Row]) -> torch.Tensor:
+        """The first forward, over the whole prompt: next-token logits [rows, vocab]; the logits at
+        the start token give each row's no-speech probability on the way."""
+        logits = self.family.logits(step_input, states, mask, cache, last=step_input.shape[1])
+        self.record_no_speech(logits, step_input[0].tolist(), live, results)
+        return logits[:, -1]
+
+    def record_no_speech(self, logits, prompt: list[int], live: list[int], results: list[_Row]) -> None:
+        """openai-whisper's no_speech_prob: softmax of the raw logits after <|startoftranscript|>."""
+        token = self.family.no_speech_token
+        start = getattr(self.family, "start_token", None)
+        if token is None or start not in prompt:
+            return
+        probs = logits[:, prompt.index(start)].float().softmax(dim=-1)[:, token].tolist()
+        for row, prob in zip(live, probs):
+            results[row].no_speech_prob = prob
+
+    def add_logprobs(self, scores, tokens, live: list[int], results: list[_Row]) -> None:
+        """Add each row's log-probability of its chosen token (scores: after the logits processors)."""
+        chosen = scores.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0].tolist()
+        for row, logprob in zip(live, chosen):
+            results[row].logprob_sum += logprob
+
     def run(self, states, mask, sequences, step_input, cache, live: list[int], results: list[_Row], steps: int) -> None:
         """Decode up to ``steps`` more tokens for rows ``live`` (their full ``sequences`` so far);
         ``step_input`` is what the cache has not seen yet. Finished rows leave batch and cache."""
@@ -493,10 +545,15 @@ class _Loop:
             return
         for _ in range(steps):
             self.check_stop()
-            logits = self.family.step(step_input, states, mask, cache).float()
+            if step_input.shape[1] > 1:
+                logits = self.prompt_logits(step_input, states, mask, cache, live, results).float()
+            else:
+                logits = self.family.step(step_input, states, mask, cache).float()
             self.stats.steps += 1
             self.stats.batch_sizes.append(len(live))
-            next_tokens = self.processors(sequences, logits).argmax(dim=-1)
+            scores = self.processors(sequences, logits)
+            next_tokens = scores.argmax(dim=-1)
+            self.add_logprobs(scores, next_tokens, live, results)
             sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
             finished = torch.isin(next_tokens, self.eos)
             for row, token, done in zip(live, next_tokens.tolist(), finished.tolist()):
@@ -532,7 +589,9 @@ class _Loop:
             keep, tokens = [], []
             for i, row in enumerate(live):
                 sequence = torch.tensor([ragged.sequences[i]], device=device)
-                token = int(self.processors(sequence, logits[i : i + 1]).argmax(dim=-1))
+                scores = self.processors(sequence, logits[i : i + 1])
+                token = int(scores.argmax(dim=-1))
+                results[row].logprob_sum += float(scores.log_softmax(dim=-1)[0, token])
                 ragged.sequences[i].append(token)
                 ragged.budgets[i] -= 1
                 if token in eos:
@@ -556,8 +615,8 @@ class _Loop:
             step_input = torch.tensor([[t] for t in tokens], device=device)
 
 
-def _batched_choices(processors, sequence, prompt_length: int, logits) -> list[int] | None:
-    """All greedy choices along a draft in one processors call, when the processors allow it: token
+def _batched_scores(processors, sequence, prompt_length: int, logits) -> torch.Tensor | None:
+    """The processed scores along a draft in one processors call, when the processors allow it: token
     suppression is the same at every position, and begin-suppression fires only right after the
     prompt (position 0, scored on its own). None: score position by position instead."""
     if not all(type(p) in (SuppressTokensLogitsProcessor, SuppressTokensAtBeginLogitsProcessor) for p in processors):
@@ -568,7 +627,7 @@ def _batched_choices(processors, sequence, prompt_length: int, logits) -> list[i
     rest = logits[1:]
     if len(rest):  # any length other than the begin index: only plain suppression applies
         rest = processors(sequence[:, : prompt_length + 1].expand(len(rest), -1), rest)
-    return torch.cat([first, rest]).argmax(dim=-1).tolist()
+    return torch.cat([first, rest])
 
 
 def _valid_prefix(draft: list[int], vocab: int) -> list[int]:
@@ -606,21 +665,48 @@ def _select_cache(cache: EncoderDecoderCache, rows: torch.Tensor, length: int) -
 
 def run_rows(engine: Engine, audios: list[np.ndarray], rows: list[tuple[int, Target]], *, window: str = "exact",
              max_new_tokens: int | None = None, should_stop: Callable[[], bool] | None = None,
-             drafts: list[list[int] | None] | None = None) -> list[Hypothesis]:
+             drafts: list[list[int] | None] | None = None, word_timings: bool | list[bool] = False) -> list[Hypothesis]:
     """Encode ``audios`` on ``window`` and decode ``rows``; a fast-window row that comes back broken
-    (non-finite encoder output, or a repetition loop) is decoded again on the exact window."""
+    (non-finite encoder output, or a repetition loop) is decoded again on the exact window. With
+    ``word_timings`` (True, or one flag per row) the hypotheses get ``words`` (``engine/timing.py``)
+    where the model has alignment heads."""
     encoded = engine.encode(audios, window)
     hypotheses = engine.decode(encoded, rows, max_new_tokens, should_stop, drafts)
-    if encoded.window != "fast":
-        return hypotheses
+    if encoded.window == "fast":
+        hypotheses, exact, broken = _redo_broken(engine, audios, rows, encoded, hypotheses, max_new_tokens, should_stop)
+    else:
+        exact, broken = None, {}
+    wanted = [word_timings] * len(rows) if isinstance(word_timings, bool) else list(word_timings)
+    if any(wanted):
+        _add_word_timings(engine, audios, rows, encoded, hypotheses, exact, broken, wanted)
+    return hypotheses
+
+
+def _add_word_timings(engine, audios, rows, encoded, hypotheses, exact, broken: dict[int, int], wanted) -> None:
+    """Words for every hypothesis, from the encoder output that decoded it (fast, or the exact redo)."""
+    from .timing import supports_word_timings, word_timings
+
+    if not supports_word_timings(engine):
+        return
+    for i, hypothesis in enumerate(hypotheses):
+        if not wanted[i]:
+            continue
+        source, utterance = (exact, broken[i]) if i in broken else (encoded, rows[i][0])
+        states = source.states[utterance, : source.frames[utterance]]
+        hypothesis.words = word_timings(engine, states, audios[rows[i][0]], hypothesis)
+
+
+def _redo_broken(engine, audios, rows, encoded, hypotheses, max_new_tokens, should_stop):
+    """Fast-window rows that came back broken, decoded again on the exact window. Returns the
+    hypotheses, the exact EncodedBatch (or None) and {row: its utterance in that batch}."""
     finite = torch.isfinite(encoded.states).flatten(1).all(dim=1).tolist()
     broken = [i for i, h in enumerate(hypotheses) if h.looks_broken or not finite[rows[i][0]]]
     if not broken:
-        return hypotheses
+        return hypotheses, None, {}
     utterances = sorted({rows[i][0] for i in broken})
     renumber = {u: n for n, u in enumerate(utterances)}
     exact = engine.encode([audios[u] for u in utterances], "exact")
     redo = engine.decode(exact, [(renumber[rows[i][0]], rows[i][1]) for i in broken], max_new_tokens, should_stop)
     for i, hypothesis in zip(broken, redo):
         hypotheses[i] = hypothesis
-    return hypotheses
+    return hypotheses, exact, {i: renumber[rows[i][0]] for i in broken}

@@ -69,6 +69,7 @@ class Family(ABC):
         self.eos_token_ids = _as_list(self.generation_config.eos_token_id)
         pad = self.generation_config.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else (self.eos_token_ids or [0])[0]
+        self.no_speech_token: int | None = None  # Whisper's <|nospeech|>: its probability after the start token
 
     # -- prompts -------------------------------------------------------------------------------
     def default_target(self) -> Target:
@@ -159,6 +160,11 @@ class WhisperFamily(Family):
         self.task_ids = {k: int(v) for k, v in task_to_id.items()}
         self.start_token = int(config.decoder_start_token_id)
         self.no_timestamps_token = getattr(config, "no_timestamps_token_id", None)
+        vocab = tokenizer.get_vocab()
+        for name in ("<|nospeech|>", "<|nocaptions|>"):  # the token's name in newer / older checkpoints
+            if name in vocab:
+                self.no_speech_token = int(vocab[name])
+                break
 
     @property
     def max_target_positions(self) -> int:

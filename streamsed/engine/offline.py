@@ -6,29 +6,41 @@ on the same audio, so a live final equals the offline result for its segment.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 from ..core.captions import SegmentResult
+from ..core.guard import GuardConfig, drop_reason
 from ..core.languages import Target
 from ..core.vad import SpeechEnded, samples_to_seconds
-from .engine import Engine
+from .engine import Engine, run_rows
 
 __all__ = ["translate_segments"]
 
+log = logging.getLogger(__name__)
+
 
 def translate_segments(
-    engine: Engine, segments: list[SpeechEnded], targets: list[Target], batch_size: int = 8, window: str = "exact"
+    engine: Engine, segments: list[SpeechEnded], targets: list[Target], batch_size: int = 8, window: str = "exact",
+    guard: GuardConfig | None = None,
 ) -> Iterator[SegmentResult]:
     """Decode segments in batches; results come in segment order, targets in the given order.
 
     ``window`` is the encoder window (``Engine.encode``); a live final equals this output when the
-    daemon's ``final_window`` is the same setting.
+    daemon's ``final_window`` is the same setting. Hypotheses the hallucination ``guard`` rejects
+    are left out (logged), as the daemon sends no text for them.
     """
     for first in range(0, len(segments), batch_size):
         batch = segments[first : first + batch_size]
-        hypotheses = engine.transcribe([s.audio for s in batch], targets, window=window)
+        rows = [(u, t) for u in range(len(batch)) for t in targets]
+        flat = run_rows(engine, [s.audio for s in batch], rows, window=window, word_timings=True)
+        hypotheses = [flat[u * len(targets) : (u + 1) * len(targets)] for u in range(len(batch))]
         for segment, per_target in zip(batch, hypotheses):
             for hyp in per_target:
+                reason = drop_reason(hyp.text, hyp.avg_logprob, hyp.no_speech_prob, guard)
+                if reason:
+                    log.info("segment %d dropped (%s): %r", segment.segment, reason, hyp.text)
+                    continue
                 yield SegmentResult(
                     segment=segment.segment,
                     start=round(samples_to_seconds(segment.start), 3),
@@ -36,4 +48,15 @@ def translate_segments(
                     source_lang=hyp.target.source_lang,
                     target_lang=hyp.target.target_lang,
                     text=hyp.text,
+                    avg_logprob=round(hyp.avg_logprob, 4) if hyp.avg_logprob is not None else None,
+                    no_speech_prob=round(hyp.no_speech_prob, 4) if hyp.no_speech_prob is not None else None,
+                    words=_in_stream_seconds(hyp.words, segment.start),
                 )
+
+
+def _in_stream_seconds(words: list[dict] | None, start: int) -> list[dict] | None:
+    if words is None:
+        return None
+    offset = samples_to_seconds(start)
+    return [{"word": w["word"], "start": round(w["start"] + offset, 3), "end": round(w["end"] + offset, 3)}
+            for w in words]

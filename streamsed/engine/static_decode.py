@@ -55,7 +55,8 @@ class StaticDecoder:
             try:
                 return self._step(input_ids, states, cache).clone()  # the graph reuses its output buffer
             except Exception as error:  # noqa: BLE001 - any compiler failure: eager is always correct
-                log.warning("compiled decoder step failed (%s); decoding eagerly from now on", str(error).splitlines()[0])
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                log.warning("compiled decoder step failed (%s); decoding eagerly from now on", reason)
                 self._step, self.compiled = self._eager_step, False
         return self._eager_step(input_ids, states, cache)
 
@@ -90,12 +91,16 @@ class StaticDecoder:
         for _ in range(steps):
             loop.check_stop()
             if step_input.shape[1] > 1:  # the prompt fills the cache in one eager forward (not graphed)
-                logits = self.family.step(step_input, states, None, static)
+                logits = loop.prompt_logits(step_input, states, None, static, live, results)
             else:
                 logits = self.step(step_input, states, static)
             loop.stats.steps += 1
             loop.stats.batch_sizes.append(rows)
-            next_tokens = loop.processors(sequences, logits.float()).argmax(dim=-1)
+            scores = loop.processors(sequences, logits.float())
+            next_tokens = scores.argmax(dim=-1)
+            open_rows = (~done).nonzero().squeeze(-1)
+            loop.add_logprobs(scores.index_select(0, open_rows), next_tokens.index_select(0, open_rows),
+                              [live[i] for i in open_rows.tolist()], results)
             sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
             finished = torch.isin(next_tokens, loop.eos)
             for i, (token, was_done, ends) in enumerate(zip(next_tokens.tolist(), done.tolist(), finished.tolist())):

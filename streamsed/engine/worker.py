@@ -243,6 +243,11 @@ class EngineWorker:
         return self._overloaded_since is not None
 
     @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the engine (read without the lock: a gauge, not an invariant)."""
+        return len(self._pending)
+
+    @property
     def overloaded_for(self) -> float:
         """Seconds the current overload episode has lasted; 0 when not overloaded."""
         since = self._overloaded_since
@@ -383,13 +388,15 @@ class EngineWorker:
         results: list[list[Hypothesis]] = [[] for _ in batch]
         rows_total = step_rows = forwards = 0
         for window, members in by_window.items():
-            rows, drafts = [], []
+            rows, drafts, timed = [], [], []
             for n, index in enumerate(members):
                 request = batch[index]
                 rows += [(n, target) for target in request.targets]
                 drafts += request.drafts or [None] * len(request.targets)
+                timed += [request.kind == "final"] * len(request.targets)  # word timings: finals only
             hypotheses = run_rows(self.engine, [batch[i].audio for i in members], rows, window=window,
-                                  max_new_tokens=self.max_new_tokens, should_stop=should_stop, drafts=drafts)
+                                  max_new_tokens=self.max_new_tokens, should_stop=should_stop, drafts=drafts,
+                                  word_timings=timed)
             stats = self.engine.last_stats
             rows_total += len(rows)
             step_rows = max(step_rows, max(stats.batch_sizes, default=0))

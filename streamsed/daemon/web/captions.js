@@ -10,9 +10,20 @@ export function joinText(left, right) {
   return `${left} ${right}`;
 }
 
+// The daemon's access token, when this page was opened with ?token=...: browsers cannot set headers
+// on websockets, so every socket, request and link of the page carries it on (docs/protocol.md).
+const TOKEN = new URLSearchParams(location.search).get("token");
+
+export function withToken(path) {
+  if (!TOKEN) return path;
+  const url = new URL(path, location.href);
+  url.searchParams.set("token", TOKEN);
+  return url.pathname + url.search;
+}
+
 // ws(s)://this-host/path?query: the pages always talk to the daemon that served them.
 export function socketUrl(path, params = {}) {
-  const url = new URL(path, location.href);
+  const url = new URL(withToken(path), location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   for (const [key, value] of Object.entries(params)) {
     if (value !== null && value !== undefined && value !== "") url.searchParams.set(key, value);
@@ -128,6 +139,12 @@ export class CaptionView {
     if (!this.languages.has(event.target_lang)) {
       this.languages.add(event.target_lang);
       this.root.classList.toggle("multilingual", this.languages.size > 1);
+    }
+    if (event.type === "final" && event.dropped) { // not speech after all: clear what its partials showed
+      const shown = this.byKey.get(key);
+      if (shown) { shown.remove(); this.byKey.delete(key); }
+      this.finalized.add(key);
+      return false;
     }
     const line = this.byKey.get(key) || this.addLine(key, event);
     if (event.type === "final") {

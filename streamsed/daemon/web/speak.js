@@ -2,6 +2,7 @@
 // Microphone -> AudioWorklet (mono Int16 batches of batch_ms, 20-100 ms, at the browser's own
 // sample rate, declared in the start message) -> ws /v1/stream; shows the captions coming back.
 import {
+  withToken,
   CaptionView, STREAM_ID, Status, applyLookOptions, backoffMs, flag, intParam, socketUrl,
 } from "/web/captions.js";
 
@@ -43,7 +44,7 @@ function options() {
 function showLinks() {
   const id = encodeURIComponent($("stream").value.trim());
   const link = (href, text) => Object.assign(document.createElement("a"),
-    { href, textContent: text, target: "_blank" });
+    { href: withToken(href), textContent: text, target: "_blank" });
   $("links").replaceChildren(link(`/captions?stream=${id}`, "open the viewer"), " · export ",
     link(`/v1/streams/${id}/captions.vtt`, ".vtt"), " ", link(`/v1/streams/${id}/captions.srt`, ".srt"), " ",
     link(`/v1/streams/${id}/captions.jsonl`, ".jsonl"));

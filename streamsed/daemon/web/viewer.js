@@ -1,6 +1,7 @@
 // The live-caption viewer: /captions?stream=ID[&target_lang=xx] (and / with a stream picker).
 // Subscribes to ws /v1/captions, shows the last lines, reconnects by itself with backoff.
 import {
+  withToken,
   CaptionView, STREAM_ID, Status, applyLookOptions, backoffMs, intParam, socketUrl,
 } from "/web/captions.js";
 
@@ -120,11 +121,11 @@ async function showPicker() {
   document.getElementById("picker").hidden = false;
   status.set("idle", "pick a stream");
   const list = document.getElementById("streams");
-  const link = (href, text) => Object.assign(document.createElement("a"), { href, textContent: text });
+  const link = (href, text) => Object.assign(document.createElement("a"), { href: withToken(href), textContent: text });
   async function refresh() {
     let streams;
     try {
-      const reply = await fetch("/v1/streams", { cache: "no-store" });
+      const reply = await fetch(withToken("/v1/streams"), { cache: "no-store" });
       streams = (await reply.json()).streams;
       status.set("live", `connected to ${location.host}`);
     } catch {
