@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -165,6 +166,15 @@ async def test_finals_partials_and_captions_arrive_with_their_qos_and_retain(eng
             sent = finals(events)
             assert [key(f) for f in sent] == [("kitchen", s, lang) for s in (0, 1) for lang in ("de", "en")]
             await recorder.wait_for(lambda ms: len([m for m in ms if m.topic.endswith("/caption")]) == 4)
+            async with asyncio.timeout(10):
+                while edge.queued:  # the broker confirmed everything
+                    await asyncio.sleep(0.05)
+            metrics = {s.name + str(sorted(s.labels.items())): s.value for family in
+                       text_string_to_metric_families(daemon.metrics.render().decode()) for s in family.samples}
+            assert metrics["streamsed_mqtt_queue_depth[]"] == 0
+            assert metrics["streamsed_mqtt_dropped_total[('kind', 'final')]"] == edge.stats.dropped == 0
+            assert metrics["streamsed_mqtt_dropped_total[('kind', 'partial')]"] == edge.stats.dropped_partials
+            assert metrics["streamsed_finals_total[]"] == len(sent) == 4
         await recorder.wait_for(lambda ms: ms[-1].topic == f"{PREFIX}/status")
     lines = cli.stop()
 
