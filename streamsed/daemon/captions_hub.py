@@ -142,16 +142,12 @@ class CaptionsHub:
                 log.exception("event hook failed")
         if event.get("type") not in CAPTION_EVENTS:
             return
-        if event["type"] == "final" and event.get("dropped"):
-            # Not speech (core/guard.py): no export, no MQTT; listeners only learn to clear the line.
-            self.dropped[event["dropped"]] = self.dropped.get(event["dropped"], 0) + 1
-            for listener in self._listeners.get(event["stream"], ()):
-                if listener.wants(event):
-                    listener.offer(event)
-            return
-        if event["type"] == "final":
+        dropped = event["type"] == "final" and event.get("dropped")
+        if dropped:  # not speech (core/guard.py): no export, no MQTT; listeners only learn to clear the line
+            self.dropped[dropped] = self.dropped.get(dropped, 0) + 1
+        elif event["type"] == "final":
             self._keep_final(event)
-        for observer in self._observers:
+        for observer in () if dropped else self._observers:
             try:
                 observer(event)
             except Exception:  # an edge's bug must not cost the websocket listeners their captions

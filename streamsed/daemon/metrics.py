@@ -32,10 +32,6 @@ class Metrics:
         self.finals = Counter("streamsed_finals", "Finals sent with text (one per segment and target)",
                               registry=registry)
         self.partials = Counter("streamsed_partials", "Partials sent", registry=registry)
-        self.dropped = Counter("streamsed_dropped", "Finals the hallucination guard rejected", ["reason"],
-                               registry=registry)
-        for reason in DROP_REASONS:
-            self.dropped.labels(reason)
         self.final_lag = Histogram("streamsed_final_lag_seconds", "From the audio that closed a segment to "
                                    "its final (latency_ms)", buckets=LAG_BUCKETS, registry=registry)
         self.first_partial = Histogram("streamsed_first_partial_seconds", "From speech_start to the segment's "
@@ -63,8 +59,7 @@ class Metrics:
                 self.first_partial.observe(time.monotonic() - started)
         elif kind == "final":
             self._started.pop(key, None)
-            if event.get("dropped"):
-                self.dropped.labels(event["dropped"]).inc()
+            if event.get("dropped"):  # counted once, by the hub (streamsed_dropped_total reads it)
                 return
             self.finals.inc()
             if isinstance(event.get("latency_ms"), (int, float)):
@@ -84,6 +79,10 @@ class _LiveCollector:
         return []  # values exist only once the model is loaded: collected at scrape time
 
     def collect(self):
+        dropped = CounterMetricFamily("streamsed_dropped", "Finals the hallucination guard rejected", labels=["reason"])
+        for reason in DROP_REASONS:
+            dropped.add_metric([reason], self.daemon.hub.dropped.get(reason, 0))
+        yield dropped
         worker = self.daemon.worker
         if worker is not None:
             stats = worker.stats

@@ -47,6 +47,7 @@ from ..core.protocol import ProtocolError, close_reason, encode, error_event
 from . import auth, web_routes
 from .captions_hub import CaptionsHub
 from .config import Config, ConfigError
+from .metrics import Metrics
 from .session import SessionOptions, StreamSession
 
 if TYPE_CHECKING:  # the daemon edge never touches torch itself: the worker and engine do
@@ -96,8 +97,6 @@ class Daemon:
         except OSError as error:
             raise ConfigError(f"[server] auth_tokens_file: {error}") from None
         self._connections: Counter[str] = Counter()  # open websockets per client address
-        from .metrics import Metrics
-
         self.metrics = Metrics(self)
         self.hub.event_hook = self.metrics.observe
 
