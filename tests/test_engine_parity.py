@@ -164,6 +164,37 @@ def test_tiny_whisper_matches_generate_for_transcribe_and_translate():
     assert [h[0].tokens for h in translated] == reference(model, engine, audios, 0, language="de", task="translate")
 
 
+def test_tiny_whisper_with_a_prompt_matches_generate_with_prompt_ids():
+    """A prompt (previous-text context after <|startofprev|>) changes the output; the engine's
+    tokens still equal generate(prompt_ids=...) for the same ids, batched, single and with drafts."""
+    model, fe, tokenizer = tm.tiny_whisper(prev_token=True)
+    engine = engine_from_model(model, fe, tokenizer, device="cpu")
+    audios = [tm.noise_audio(s, 40 + seed) for seed, s in enumerate([1.0, 2.5, 0.4])]
+    target = Target("de", "de", "w5 w6  w7")
+    ids = engine.family.context_tokens(target.prompt)
+    assert ids == [tm.WHISPER_EOS - 1, 5, 6, 7]  # <|startofprev|> + the prompt's own tokens
+    assert engine.family.prompt(target) == ids + engine.family.prompt(Target("de", "de"))
+    plain = [h[0].tokens for h in engine.transcribe(audios, [Target("de", "de")], max_new_tokens=MAX_NEW)]
+    expected = assert_parity(model, engine, audios, target, 0, language="de", task="transcribe",
+                             prompt_ids=torch.tensor(ids))
+    assert expected != [tokens[: len(e)] for tokens, e in zip(plain, expected)], "the prompt changed nothing"
+    # A context longer than the model allows keeps its last max_target_positions // 2 - 1 tokens.
+    long_prompt = " ".join(f"w{i % 90 + 3}" for i in range(50))
+    kept = engine.family.context_tokens(long_prompt)
+    assert len(kept) == 1 + 64 // 2 - 1 and kept[-1] == (49 % 90 + 3)
+
+
+def test_prompts_are_refused_by_models_without_previous_text_context():
+    model, fe, tokenizer = tm.tiny_whisper()  # no <|startofprev|> in its vocabulary
+    engine = engine_from_model(model, fe, tokenizer, device="cpu")
+    with pytest.raises(UnsupportedTarget, match="startofprev"):
+        engine.check_target(Target("de", "de", "hello"))
+    seed = tm.speech_encoder_decoder(tm.wav2vec2_config(), tm.bert_decoder_config())
+    seed_engine = engine_from_model(seed, tm.wav2vec2_feature_extractor(), tm.word_tokenizer(), device="cpu")
+    with pytest.raises(UnsupportedTarget, match="prompt"):
+        seed_engine.check_target(Target(None, None, "hello"))
+
+
 def test_whisper_rejects_unsupported_pairs_clearly():
     model, fe, tokenizer = tm.tiny_whisper()
     engine = engine_from_model(model, fe, tokenizer, device="cpu")

@@ -90,11 +90,21 @@ def test_message_overrides_query_overrides_defaults():
     ({}, {"stream": 7}, "bad_option"),
     ({}, {"rate": 16000}, "bad_option"),
     ({"sample-rate": "16000"}, None, "bad_option"),
+    ({}, {"prompt": ["a"]}, "bad_option"),
+    ({}, {"hotwords": "x" * 2001}, "bad_option"),
 ])
 def test_bad_start_options(query, message, code):
     message = {"type": "start", **message} if message is not None else None
     error = pytest.raises(ProtocolError, start_options, query, message, DEFAULTS).value
     assert error.code == code and error.fatal
+
+
+def test_prompt_and_hotwords_become_one_context_hotwords_first():
+    assert start_options({}, None, DEFAULTS).prompt is None
+    assert start_options({"prompt": "  "}, None, DEFAULTS).prompt is None
+    options = start_options({"hotwords": "Grafana, kubectl"}, {"type": "start", "prompt": " Our cluster. "}, DEFAULTS)
+    assert options.prompt == "Grafana, kubectl Our cluster."
+    assert start_options({"prompt": "Glossary: Aoife"}, None, DEFAULTS).prompt == "Glossary: Aoife"
 
 
 def test_query_sample_rate_string_and_whole_float():

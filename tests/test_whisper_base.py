@@ -130,3 +130,24 @@ def test_static_cache_decoder_gives_generate_tokens(engine, clips):
     prefixes = [tokens[: len(tokens) // 2] for tokens in expected]  # what an earlier partial said
     assert [h.tokens for h in static.decode(encoded, rows, drafts=prefixes)] == expected
     assert static.static_decoder.compiled and static.static_decoder._caches
+
+
+def test_a_prompt_steers_spelling_and_equals_generate_with_prompt_ids(engine):
+    """Previous-text context (``prompt``/``hotwords``) changes the output, so exactness is against
+    generate(prompt_ids=...) with the tokenizer's own get_prompt_ids, with and without a draft."""
+    audio = espeak("We deployed Kubernetes with Grafana and Prometheus.", "en", 130)
+    prompt = "kubectl, Grafana, Prometheus"
+    ids = engine.tokenizer.get_prompt_ids(prompt, return_tensors="pt")
+    assert ids.tolist() == engine.family.context_tokens(prompt)
+    with torch.inference_mode():
+        out = engine.model.generate(engine.feature_inputs([audio])["input_features"], language="en",
+                                    task="transcribe", num_beams=1, do_sample=False, prompt_ids=ids)
+    expected = [t for t in out[0].tolist() if t not in engine.family.eos_token_ids]
+    target = Target("en", "en", prompt)
+    (hyp,) = engine.transcribe([audio], [target])[0]
+    assert hyp.tokens == expected
+    assert "Grafana" in hyp.text and "Prometheus" in hyp.text, hyp.text
+    (plain,) = engine.transcribe([audio], [Target("en", "en")])[0]
+    assert "Grafana" not in plain.text, plain.text  # whisper-base alone mishears the names
+    drafted = engine.decode(engine.encode([audio]), [(0, target)], drafts=[plain.tokens])[0]
+    assert drafted.tokens == expected

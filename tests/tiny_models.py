@@ -99,8 +99,11 @@ WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>"
 WHISPER_EOS = 100  # like real Whisper: text tokens, then specials, then timestamp tokens
 
 
-def tiny_whisper(seed=0):
-    """A 2-layer random Whisper with a real-looking generation config (languages, tasks, suppression)."""
+def tiny_whisper(seed=0, prev_token=False):
+    """A 2-layer random Whisper with a real-looking generation config (languages, tasks, suppression).
+
+    ``prev_token``: the last text token becomes ``<|startofprev|>`` (suppressed, as in real Whisper),
+    so the model takes prompts."""
     torch.manual_seed(seed)
     vocab = 128
     sot, timestamp_begin = WHISPER_EOS + 1, WHISPER_EOS + len(WHISPER_SPECIALS)
@@ -120,13 +123,17 @@ def tiny_whisper(seed=0):
         begin_suppress_tokens=[13, WHISPER_EOS],
     )
     words = [f"w{i}" for i in range(WHISPER_EOS)]
+    if prev_token:
+        words[-1] = "<|startofprev|>"
+        model.generation_config.suppress_tokens.append(WHISPER_EOS - 1)
+        model.generation_config.prev_sot_token_id = WHISPER_EOS - 1
     timestamps = [f"<|t{i}|>" for i in range(vocab - timestamp_begin)]
     vocabulary = {tok: i for i, tok in enumerate(words + WHISPER_SPECIALS + timestamps)}
     backend = Tokenizer(WordLevel(vocabulary, unk_token="w0"))
     backend.pre_tokenizer = WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="w0", eos_token="<|endoftext|>",
-        additional_special_tokens=WHISPER_SPECIALS[1:] + timestamps,
+        additional_special_tokens=WHISPER_SPECIALS[1:] + timestamps + (["<|startofprev|>"] if prev_token else []),
     )
     return model, WhisperFeatureExtractor(feature_size=80), tokenizer
 

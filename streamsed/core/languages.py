@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Target", "UnsupportedTarget", "EngineInfo", "parse_language", "resolve_targets"]
+__all__ = ["Target", "UnsupportedTarget", "EngineInfo", "parse_language", "resolve_targets", "context_text",
+           "MAX_PROMPT_CHARS"]
 
 _LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}$")
 
@@ -31,6 +32,9 @@ class Target:
 
     source_lang: str | None = None
     target_lang: str | None = None
+    # Previous-text context (Whisper's <|startofprev|>: a prompt, hotwords): it steers spelling and
+    # style, and changes the output, so a target with a prompt is not generate()'s plain result.
+    prompt: str | None = None
 
 
 class EngineInfo(Protocol):
@@ -55,11 +59,32 @@ def parse_language(code: str | None, role: str) -> str | None:
     return code
 
 
-def resolve_targets(engine: EngineInfo, source_lang: str | None, target_langs: list[str | None]) -> list[Target]:
+MAX_PROMPT_CHARS = 2000  # far more than the 223 tokens Whisper keeps; longer text is refused, not cut
+
+
+def context_text(prompt: str | None = None, hotwords: str | None = None) -> str | None:
+    """The context a target carries: hotwords first, then the prompt, as faster-whisper orders them
+    (``hotwords`` + ``initial_prompt`` after <|startofprev|>). None when both are empty."""
+    parts = []
+    for name, value in (("hotwords", hotwords), ("prompt", prompt)):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be text, got {type(value).__name__}")
+        if value.strip():
+            parts.append(value.strip())
+    text = " ".join(parts)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt and hotwords are {len(text)} characters; at most {MAX_PROMPT_CHARS} are accepted")
+    return text or None
+
+
+def resolve_targets(engine: EngineInfo, source_lang: str | None, target_langs: list[str | None],
+                    prompt: str | None = None) -> list[Target]:
     """Targets with the model's defaults filled in, each checked against the model."""
     default = engine.default_target()
     source = source_lang or default.source_lang
-    targets = [Target(source, target or source or default.target_lang) for target in target_langs or [None]]
+    targets = [Target(source, target or source or default.target_lang, prompt) for target in target_langs or [None]]
     for target in targets:
         engine.check_target(target)
     return targets

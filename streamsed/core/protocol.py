@@ -16,14 +16,14 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from .audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
-from .languages import UnsupportedTarget, parse_language
+from .languages import UnsupportedTarget, context_text, parse_language
 
 VERSION = 1
 STREAM_PATH = "/v1/stream"
 CAPTIONS_PATH = "/v1/captions"
 ENCODINGS = ("pcm_s16le", "pcm_f32le")
 MESSAGE_TYPES = ("start", "keepalive", "stop")
-START_FIELDS = ("stream", "sample_rate", "encoding", "source_lang", "targets")
+START_FIELDS = ("stream", "sample_rate", "encoding", "source_lang", "targets", "prompt", "hotwords")
 CAPTION_EVENTS = ("partial", "final")
 _STREAM_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -85,6 +85,7 @@ class StartOptions:
     encoding: str
     source_lang: str | None  # None = the model's default
     targets: list[str | None]  # None = same as the source (transcribe)
+    prompt: str | None = None  # hotwords + prompt: previous-text context for every target (Whisper)
 
 
 def parse_client_message(text: str) -> dict:
@@ -131,7 +132,12 @@ def start_options(query: Mapping[str, str], message: Mapping[str, Any] | None, d
     source, targets = parse_languages(
         given.get("source_lang", defaults.source_lang or None), given.get("targets", defaults.targets)
     )
-    return StartOptions(stream, _sample_rate(given.get("sample_rate", defaults.sample_rate)), encoding, source, targets)
+    try:
+        prompt = context_text(given.get("prompt"), given.get("hotwords"))
+    except ValueError as error:
+        raise ProtocolError("bad_option", str(error)) from None
+    return StartOptions(stream, _sample_rate(given.get("sample_rate", defaults.sample_rate)), encoding, source, targets,
+                        prompt)
 
 
 def _sample_rate(value: Any) -> int:
@@ -180,6 +186,7 @@ def ready_event(options: StartOptions, session: str, model: str, source_lang: st
     return {
         "type": "ready", "stream": options.stream, "session": session, "model": model,
         "sample_rate": options.sample_rate, "source_lang": source_lang, "targets": list(targets),
+        "prompt": options.prompt,
     }
 
 

@@ -491,7 +491,7 @@ class _Ingest:
         options = protocol.start_options(self.query, message, self.config.streaming)
         engine = self.daemon.engine
         try:
-            resolved = resolve_targets(engine, options.source_lang, options.targets)
+            resolved = resolve_targets(engine, options.source_lang, options.targets, options.prompt)
         except UnsupportedTarget as error:
             raise ProtocolError("unsupported_language", str(error)) from None
         if not self.daemon.hub.claim(options.stream):
@@ -501,7 +501,7 @@ class _Ingest:
         self.stream = options.stream
         session_options = SessionOptions(
             stream=options.stream, sample_rate=options.sample_rate, encoding=options.encoding,
-            source_lang=options.source_lang, targets=list(options.targets),
+            source_lang=options.source_lang, targets=list(options.targets), prompt=options.prompt,
         )
         try:
             self.session = StreamSession(

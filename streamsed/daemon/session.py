@@ -59,6 +59,7 @@ class SessionOptions:
     encoding: str = "pcm_s16le"
     source_lang: str | None = None
     targets: list[str | None] = field(default_factory=lambda: [None])  # None: the model's default
+    prompt: str | None = None  # previous-text context of every target (core.languages.context_text)
 
 
 # Frame classification (Silero is a neural network) runs here, off the event loop; one thread for all
@@ -66,7 +67,8 @@ class SessionOptions:
 _VAD_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamsed-vad")
 
 
-async def _in_vad_thread(function, *args):
+async def in_vad_thread(function, *args):
+    """Run ``function`` on the VAD thread (file jobs of the HTTP API feed their VAD here too)."""
     return await asyncio.get_running_loop().run_in_executor(_VAD_THREAD, function, *args)
 
 
@@ -102,7 +104,7 @@ class StreamSession:
         # Raises UnsupportedTarget for a pair the model cannot produce, before any audio arrives.
         source = parse_language(options.source_lang, "source")
         wanted = [parse_language(code, "target") for code in options.targets or [None]]
-        self.targets: list[Target] = resolve_targets(engine_info, source, wanted)
+        self.targets: list[Target] = resolve_targets(engine_info, source, wanted, options.prompt)
         pcm_to_float32(b"", options.encoding)  # raises AudioError for an unknown encoding now
         self._resampler = StreamResampler(options.sample_rate, MODEL_SAMPLE_RATE)  # AudioError: bad rate
         self._segmenter = segmenter_for(engine_info, vad_config)
@@ -134,7 +136,7 @@ class StreamSession:
         arrived = time.monotonic()  # a final's latency counts from the audio that closed its segment
         samples = self._resampler.process(pcm_to_float32(data, self.options.encoding))
         self._received += len(samples)
-        self._handle(await _in_vad_thread(self._segmenter.feed, samples), arrived)
+        self._handle(await in_vad_thread(self._segmenter.feed, samples), arrived)
         self._maybe_request_partial()
         if self._finals_in_flight > MAX_FINALS_IN_FLIGHT:
             # Audio arrives faster than the model finalizes it (a file sent as fast as possible, an
@@ -152,7 +154,7 @@ class StreamSession:
             arrived = time.monotonic()
             tail = self._resampler.process(np.zeros(0, dtype=np.float32), last=True)
             self._received += len(tail)
-            events = await _in_vad_thread(lambda: self._segmenter.feed(tail) + self._segmenter.flush())
+            events = await in_vad_thread(lambda: self._segmenter.feed(tail) + self._segmenter.flush())
             if self._partial is not None:
                 self._partial.cancel()  # the utterance is closing: its final supersedes any partial
             self._handle(events, arrived)
@@ -166,7 +168,7 @@ class StreamSession:
         change applies from the next partial/final request: requests already queued keep their targets.
         """
         wanted = [parse_language(code, "target") for code in targets or [None]]
-        resolved = resolve_targets(self._engine_info, self.targets[0].source_lang, wanted)
+        resolved = resolve_targets(self._engine_info, self.targets[0].source_lang, wanted, self.options.prompt)
         self.targets = resolved
         self.options.targets = list(wanted)
         return resolved

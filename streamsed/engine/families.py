@@ -165,6 +165,8 @@ class WhisperFamily(Family):
             if name in vocab:
                 self.no_speech_token = int(vocab[name])
                 break
+        self.prev_token = vocab.get("<|startofprev|>")  # starts the previous-text context (prompts)
+        self._context_cache: dict[str, list[int]] = {}
 
     @property
     def max_target_positions(self) -> int:
@@ -211,7 +213,19 @@ class WhisperFamily(Family):
             )
 
     def with_detected_source(self, target: Target, language: str) -> Target:
-        return Target(language, target.target_lang or language)
+        return Target(language, target.target_lang or language, target.prompt)
+
+    def context_tokens(self, text: str) -> list[int]:
+        """<|startofprev|> + the context's tokens, as ``WhisperTokenizer.get_prompt_ids`` makes them,
+        keeping the last ``max_target_positions // 2 - 1`` (openai-whisper's and faster-whisper's cut)."""
+        tokens = self._context_cache.get(text)
+        if tokens is None:
+            ids = self.tokenizer(" " + text.strip(), add_special_tokens=False).input_ids
+            tokens = [self.prev_token] + ids[-(self.max_target_positions // 2 - 1):]
+            if len(self._context_cache) > 256:  # one entry per distinct prompt; bounded for long uptimes
+                self._context_cache.clear()
+            self._context_cache[text] = tokens
+        return tokens
 
     def prompt(self, target: Target) -> list[int]:
         if self.needs_detection(target):
@@ -237,6 +251,10 @@ class WhisperFamily(Family):
             tokens = [self.start_token, self.languages[source], self.task_ids[task]]
         if self.no_timestamps_token is not None:
             tokens.append(int(self.no_timestamps_token))
+        if target.prompt:
+            if self.prev_token is None:
+                raise UnsupportedTarget("this Whisper model has no <|startofprev|> token, so it takes no prompt")
+            return self.context_tokens(target.prompt) + tokens
         return tokens
 
     positions_and_mask = True
@@ -274,6 +292,9 @@ class _StartTokenFamily(Family):
 
     def prompt(self, target: Target) -> list[int]:
         self.check_language(target.source_lang, "source")
+        if target.prompt:
+            raise UnsupportedTarget("prompts and hotwords are previous-text context for Whisper; this model "
+                                    "has no such input, so leave them out")
         if target.target_lang is None:
             forced = self.default_forced_bos
         elif self.languages:
