@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # mosquitto: MQTT tests; chromium: browser tests; alsa-utils: virtual microphone; tmux: terminal UI tests
-APT_PACKAGES=(espeak-ng sox libportaudio2 libsndfile1 mosquitto mosquitto-clients openssl chromium alsa-utils tmux)
+APT_PACKAGES=(espeak-ng sox libportaudio2 libsndfile1 mosquitto mosquitto-clients openssl chromium alsa-utils tmux curl)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

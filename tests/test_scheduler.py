@@ -183,3 +183,42 @@ async def test_a_partial_batch_yields_to_a_final_only_when_the_final_would_be_la
         worker.stop()
     assert worker.stats.preempted == preempted
     assert (results[0] is None) == bool(preempted) and results[1] is not None
+
+
+async def test_file_segments_come_after_finals_and_partials_and_are_never_superseded():
+    engine = FakeEngine(cost=0.01)
+    worker = EngineWorker(engine, max_batch_utterances=1, batch_window_ms=0)
+    files = [worker.submit(audio(i), T, "file", key="job") for i in (1, 2)]
+    partial = worker.submit(audio(3), T, "partial", key="job")  # a key shared with file work supersedes nothing
+    final = worker.submit(audio(4), T, "final")
+    worker.start()
+    try:
+        results = await asyncio.gather(*files, partial, final)
+    finally:
+        worker.stop()
+    assert engine.ran == ["4", "3", "1", "2"]
+    assert [r[0].text for r in results] == ["1", "2", "3", "4"]  # every file segment answered, none dropped
+
+
+async def test_a_long_file_never_holds_a_live_final_back_by_more_than_the_running_batch():
+    """200 file segments queued at once; live finals keep arriving. Each final runs in the batch
+    after the one running when it came: at most ``max_batch_utterances`` file segments before it."""
+    engine = FakeEngine(cost=0.005)
+    worker = EngineWorker(engine, max_batch_utterances=2, batch_window_ms=0)
+    worker.start()
+    try:
+        job = [worker.submit(audio(1000 + i), T, "file") for i in range(200)]
+        marks = {}
+        finals = []
+        for i in range(8):
+            await asyncio.sleep(0.03)
+            marks[str(i)] = len(engine.ran)
+            finals.append(worker.submit(audio(i), T, "final"))
+        await asyncio.gather(*finals)
+        assert sum(f.done() for f in job) < len(job), "the file finished before the finals: nothing was tested"
+        await asyncio.gather(*job)
+    finally:
+        worker.stop()
+    for final_id, mark in marks.items():
+        assert engine.ran.index(final_id) <= mark + 2, (final_id, mark, engine.ran[mark : mark + 4])
+    assert worker.stats.requests == 208

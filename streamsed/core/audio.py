@@ -136,8 +136,36 @@ def load_audio_file(path: str | PathLike[str]) -> tuple[np.ndarray, int]:
     return samples, rate
 
 
-def _check_audio_file(path: Path, audio_file: sf.SoundFile) -> None:
-    if audio_file.channels != 1:
+def decode_audio_bytes(data: bytes, name: str = "upload") -> np.ndarray:
+    """An uploaded file (any format soundfile reads) as float32 mono at MODEL_SAMPLE_RATE.
+
+    Unlike ``load_audio_file`` it mixes several channels down (an API client cannot be asked to
+    run sox first); empty, 8-bit, unreadable files and rates out of range raise AudioError."""
+    import io
+
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as audio_file:
+            if audio_file.channels != 1:
+                samples = audio_file.read(dtype="float32", always_2d=True).mean(axis=1)
+                audio_file.seek(0)
+                _check_audio_file(Path(name), audio_file, channels=False)
+            else:
+                _check_audio_file(Path(name), audio_file)
+                samples = audio_file.read(dtype="float32")
+            rate = audio_file.samplerate
+    except sf.LibsndfileError as error:
+        raise AudioError(f"{name} is not an audio file soundfile can read ({error.error_string.rstrip('.')}): "
+                         f"send WAV, FLAC, OGG/Vorbis, Opus or MP3") from None
+    except (RuntimeError, TypeError) as error:  # soundfile's own "Error opening ..." for unknown formats
+        raise AudioError(f"{name} is not an audio file soundfile can read ({error}): "
+                         f"send WAV, FLAC, OGG/Vorbis, Opus or MP3") from None
+    if rate != MODEL_SAMPLE_RATE:
+        samples = soxr.resample(samples, rate, MODEL_SAMPLE_RATE)
+    return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def _check_audio_file(path: Path, audio_file: sf.SoundFile, channels: bool = True) -> None:
+    if channels and audio_file.channels != 1:
         raise AudioError(
             f"{path} has {audio_file.channels} channels: stereo/multichannel input is not "
             f"supported; mix down first, e.g. `sox in.wav -c 1 out.wav`"

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
+from .audio import MODEL_SAMPLE_RATE
+
 
 @dataclass(frozen=True)
 class Caption:
@@ -174,6 +176,19 @@ class SegmentResult:
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, ensure_ascii=False)
+
+    @classmethod
+    def decoded(cls, segment, hypothesis) -> SegmentResult:
+        """The result of decoding a VAD ``segment`` (core.vad.SpeechEnded) into ``hypothesis`` (an
+        engine Hypothesis: target, text, scores, words in seconds from the segment start)."""
+        offset = segment.start / MODEL_SAMPLE_RATE
+        words = None if hypothesis.words is None else [
+            {"word": w["word"], "start": round(w["start"] + offset, 3), "end": round(w["end"] + offset, 3)}
+            for w in hypothesis.words
+        ]
+        scores = [None if v is None else round(v, 4) for v in (hypothesis.avg_logprob, hypothesis.no_speech_prob)]
+        return cls(segment.segment, round(offset, 3), round(segment.end / MODEL_SAMPLE_RATE, 3),
+                   hypothesis.target.source_lang, hypothesis.target.target_lang, hypothesis.text, *scores, words)
 
 
 def format_results(results: list[SegmentResult], fmt: str) -> str:

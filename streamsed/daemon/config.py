@@ -73,6 +73,16 @@ class StreamingConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    """The OpenAI-compatible audio API (streamsed/daemon/openai_api.py, README "OpenAI-compatible API")."""
+
+    enabled: bool = True
+    max_upload_mb: float = 25.0  # larger request bodies get 413 (OpenAI's own limit is 25 MB)
+    max_jobs: int = 4  # files decoding at once; more get 429
+    model_aliases: list[str] = field(default_factory=list)  # other names the served model answers to
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
 
@@ -127,6 +137,7 @@ class Config:
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     vad: VadConfig = field(default_factory=VadConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     microphone: MicrophoneConfig = field(default_factory=MicrophoneConfig)
@@ -271,6 +282,8 @@ def _validate(config: Config) -> None:
         (streaming.encoding in ENCODINGS, f"[streaming] encoding must be one of {', '.join(ENCODINGS)}"),
         (streaming.listener_queue >= 1, "[streaming] listener_queue must be at least 1"),
         (config.logging.level.lower() in LOG_LEVELS, f"[logging] level must be one of {', '.join(LOG_LEVELS)}"),
+        (config.api.max_upload_mb > 0, "[api] max_upload_mb must be positive"),
+        (config.api.max_jobs >= 1, "[api] max_jobs must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -44,9 +44,10 @@ from ..core import protocol
 from ..core.audio import AudioError
 from ..core.languages import UnsupportedTarget, resolve_targets
 from ..core.protocol import ProtocolError, close_reason, encode, error_event
-from . import auth, web_routes
+from . import auth, openai_api, web_routes
 from .captions_hub import CaptionsHub
 from .config import Config, ConfigError
+from .http_requests import connection_class
 from .metrics import Metrics
 from .session import SessionOptions, StreamSession
 
@@ -99,6 +100,8 @@ class Daemon:
         self._connections: Counter[str] = Counter()  # open websockets per client address
         self.metrics = Metrics(self)
         self.hub.event_hook = self.metrics.observe
+        self.api = openai_api.OpenAiApi(self)
+        self.started_at = time.time()
 
     def add_edge(self, edge: Edge) -> None:
         """Register before ``start``; see the module doc for the start/stop order."""
@@ -121,10 +124,14 @@ class Daemon:
     async def start(self) -> None:
         """Listen now; the model loads in the background (``wait_ready`` waits for it)."""
         server = self.config.server
+        # HTTP requests with a body (the OpenAI-compatible API) are served by http_requests, which also
+        # applies websockets' 10 s handshake timeout to everything else (a file job runs longer).
+        http = connection_class(self.api.handle, self.api.max_body, openai_api.error_response)
         self._server = await serve(
             self._handle, server.host, server.port, process_request=self._http,
             max_size=4 * server.max_frame_bytes, compression=None, ssl=self._tls_context(),
             ping_interval=server.ping_interval_s, ping_timeout=server.ping_interval_s,
+            create_connection=http, open_timeout=None,
         )
         if not self.tokens and not _is_loopback(server.host):
             log.warning("listening on %s without auth_tokens: anyone who can reach it can stream, read captions "
@@ -210,6 +217,7 @@ class Daemon:
             return
         self._stopping = True
         self._server.close(close_connections=False)  # stop listening; handlers run on
+        self.api.cancel_jobs()  # files being decoded get 503; live streams finish their utterances
         if self._shedder is not None:
             self._shedder.cancel()
         ingests = list(self._ingests)
@@ -284,7 +292,8 @@ class Daemon:
             return page
         endpoints = (f"/healthz /readyz ws:{protocol.STREAM_PATH} ws:{protocol.CAPTIONS_PATH} / /captions /speak "
                      f"{web_routes.STREAMS_PATH} {web_routes.STREAMS_PATH}/ID/captions.vtt|.srt|.jsonl "
-                     f"{web_routes.ENGINE_PATH} /metrics")
+                     f"{web_routes.ENGINE_PATH} /metrics POST:/v1/audio/transcriptions POST:/v1/audio/translations "
+                     f"/v1/models")
         return connection.respond(HTTPStatus.NOT_FOUND, f"not found; endpoints: {endpoints}\n")
 
     async def _handle(self, ws: ServerConnection) -> None:

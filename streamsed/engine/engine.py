@@ -154,6 +154,14 @@ class Engine:
     def default_target(self) -> Target:
         return self.family.default_target()
 
+    def language_name(self, code: str | None) -> str | None:
+        """Whisper's English name of a language code ("de" -> "german", as OpenAI's API reports it)."""
+        if code is None or self.family.name != "whisper":
+            return code
+        from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+        return LANGUAGES.get(code, code)
+
     def check_target(self, target: Target) -> None:
         """Raise UnsupportedTarget with a clear message if the model cannot produce ``target``."""
         self.family.check_target(target)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from ..core.captions import SegmentResult
 from ..core.guard import GuardConfig, drop_reason
 from ..core.languages import Target
-from ..core.vad import SpeechEnded, samples_to_seconds
+from ..core.vad import SpeechEnded
 from .engine import Engine, run_rows
 
 __all__ = ["translate_segments"]
@@ -41,22 +41,4 @@ def translate_segments(
                 if reason:
                     log.info("segment %d dropped (%s): %r", segment.segment, reason, hyp.text)
                     continue
-                yield SegmentResult(
-                    segment=segment.segment,
-                    start=round(samples_to_seconds(segment.start), 3),
-                    end=round(samples_to_seconds(segment.end), 3),
-                    source_lang=hyp.target.source_lang,
-                    target_lang=hyp.target.target_lang,
-                    text=hyp.text,
-                    avg_logprob=round(hyp.avg_logprob, 4) if hyp.avg_logprob is not None else None,
-                    no_speech_prob=round(hyp.no_speech_prob, 4) if hyp.no_speech_prob is not None else None,
-                    words=_in_stream_seconds(hyp.words, segment.start),
-                )
-
-
-def _in_stream_seconds(words: list[dict] | None, start: int) -> list[dict] | None:
-    if words is None:
-        return None
-    offset = samples_to_seconds(start)
-    return [{"word": w["word"], "start": round(w["start"] + offset, 3), "end": round(w["end"] + offset, 3)}
-            for w in words]
+                yield SegmentResult.decoded(segment, hyp)

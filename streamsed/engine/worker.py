@@ -10,6 +10,9 @@ queue. The worker thread is a small deadline scheduler:
    **partials only in spare capacity**: none while finals are overdue or while the finals already
    queued would take the engine past their deadline (measured cost per final, kept as a moving
    average). A partial that is not taken stays queued and is superseded by its stream's next one.
+   **File jobs** (``kind="file"``: segments of an uploaded file, the HTTP API) come last, in the
+   spare capacity partials leave, and are never superseded: a long file advances between live
+   finals and never holds one back by more than the batch already running.
 2. It checks every request's targets, failing only the requests whose targets the model rejects.
 3. It runs ONE encoder pass per window kind (``final_window``/``partial_window``: exact, fast,
    auto) over the taken requests and ONE decode over all their rows (utterance x target), so rows
@@ -37,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import math
 import threading
 import time
 from collections.abc import Hashable, Sequence
@@ -51,7 +55,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["EngineWorker", "WorkerStats", "KINDS", "DEFAULT_FINAL_DEADLINE_MS"]
 
-KINDS = ("final", "partial")
+KINDS = ("final", "partial", "file")
 DEFAULT_FINAL_DEADLINE_MS = 2000.0
 _COST_SMOOTHING = 0.3  # weight of the newest batch in the moving average of cost per request
 
@@ -107,6 +111,7 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     drafts: list[list[int] | None] | None = None  # one per target
+    word_timings: bool = False
     submitted: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")  # finals only
 
@@ -145,7 +150,8 @@ class EngineWorker:
         self.max_new_tokens = max_new_tokens
         self.windows = {"final": engine.resolve_window(final_window), "partial": engine.resolve_window(partial_window)}
         self.final_deadline_s = final_deadline_ms / 1000
-        self._cost = {"final": 0.0, "partial": 0.0}  # moving average of seconds per request, by kind
+        self.windows["file"] = self.windows["final"]  # a file's segments decode as live finals do
+        self._cost = dict.fromkeys(KINDS, 0.0)  # moving average of seconds per request, by kind
         self._overloaded_since: float | None = None
         self.started_at = time.monotonic()
         self._episode_worst = 0.0
@@ -198,7 +204,7 @@ class EngineWorker:
     # -- requests -----------------------------------------------------------------------------------
     def submit(
         self, audio: np.ndarray, targets: Sequence[Target], kind: str = "final", *, key: Hashable | None = None,
-        drafts: Sequence[list[int] | None] | None = None,
+        drafts: Sequence[list[int] | None] | None = None, word_timings: bool | None = None,
     ) -> asyncio.Future:
         """Queue a request now and return a future of the running loop for its hypotheses.
 
@@ -206,7 +212,8 @@ class EngineWorker:
         start on it at once. The future resolves to one Hypothesis per target, in target order, or
         to None for a partial superseded by a newer one with the same ``key``. ``drafts`` (one per
         target, each may be None) are guesses at the tokens, e.g. the stream's previous partial:
-        they save decoder steps and never change the result.
+        they save decoder steps and never change the result. ``word_timings`` (default: finals
+        only) adds ``words`` to the hypotheses.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -216,7 +223,8 @@ class EngineWorker:
             raise ValueError(f"{len(drafts)} drafts for {len(targets)} targets")
         loop = asyncio.get_running_loop()
         request = _Request(np.asarray(audio, dtype=np.float32), list(targets), kind, key, loop, loop.create_future(),
-                           [list(d) if d else None for d in drafts] if drafts is not None else None)
+                           [list(d) if d else None for d in drafts] if drafts is not None else None,
+                           kind == "final" if word_timings is None else word_timings)
         if kind == "final":
             request.deadline = request.submitted + self.final_deadline_s
         with self._condition:
@@ -231,10 +239,10 @@ class EngineWorker:
 
     async def transcribe(
         self, audio: np.ndarray, targets: list[Target], kind: str = "final", *, key: Hashable | None = None,
-        drafts: Sequence[list[int] | None] | None = None,
+        drafts: Sequence[list[int] | None] | None = None, word_timings: bool | None = None,
     ) -> list[Hypothesis] | None:
         """Decode ``audio`` for every target on the worker thread; see ``submit``."""
-        return await self.submit(audio, targets, kind, key=key, drafts=drafts)
+        return await self.submit(audio, targets, kind, key=key, drafts=drafts, word_timings=word_timings)
 
     # -- load ---------------------------------------------------------------------------------------
     @property
@@ -292,35 +300,42 @@ class EngineWorker:
             return self._take_batch()
 
     def _take_batch(self) -> list[_Request]:
-        """Called with the lock held: finals by deadline, then partials if there is time for them."""
+        """Called with the lock held: finals by deadline, then partials, then file segments, these
+        two only if there is time for them."""
         now = time.monotonic()
         live = [r for r in self._pending if not r.future.cancelled()]
         finals = sorted((r for r in live if r.kind == "final"), key=lambda r: (r.deadline, r.submitted))
-        partials = [r for r in live if r.kind == "partial"]
         batch = finals[: self.max_batch_utterances]
         self._track_overload(now, finals)
-        if partials and len(batch) < self.max_batch_utterances:
-            room = min(self._room_for_partials(now, finals), self.max_batch_utterances - len(batch))
-            batch += partials[:room]
-            if room < len(partials):
+        spare = self._spare_seconds(now, finals)
+        for kind in ("partial", "file"):
+            waiting = [r for r in live if r.kind == kind]
+            room = min(self._fits(spare, kind), self.max_batch_utterances - len(batch))
+            taken = waiting[: max(room, 0)]
+            batch += taken
+            spare -= len(taken) * self._cost[kind]
+            if kind == "partial" and len(taken) < len(waiting):
                 with self._stats_lock:
-                    self._stats.deferred += len(partials) - room
+                    self._stats.deferred += len(waiting) - len(taken)
         self._pending = [r for r in live if r not in batch]
         self._finals_pending = sum(r.kind == "final" for r in self._pending)
         return batch
 
-    def _room_for_partials(self, now: float, finals: list[_Request]) -> int:
-        """How many partials may join: as many as keep every queued final within its deadline
-        (a batch with a final in it is never preempted, so its partials delay the final)."""
+    def _spare_seconds(self, now: float, finals: list[_Request]) -> float:
+        """Engine time left before the earliest queued final's deadline once every queued final
+        has run (a batch with a final in it is never preempted, so what joins it delays the final)."""
         if self.overloaded:
-            return 0
+            return 0.0
         if not finals:
-            return self.max_batch_utterances
-        slack = min(r.deadline for r in finals) - now - len(finals) * self._cost["final"]
-        if slack <= 0:
+            return math.inf
+        return min(r.deadline for r in finals) - now - len(finals) * self._cost["final"]
+
+    def _fits(self, spare: float, kind: str) -> int:
+        """How many requests of ``kind`` fit in ``spare`` seconds at their measured cost."""
+        if spare <= 0:
             return 0
-        cost = self._cost["partial"]
-        return self.max_batch_utterances if cost == 0 else int(slack // cost)
+        cost = self._cost[kind]
+        return self.max_batch_utterances if cost == 0 or math.isinf(spare) else int(spare // cost)
 
     def _track_overload(self, now: float, finals: list[_Request]) -> None:
         """Enter overload when the oldest final is past its deadline; leave once no final is late and
@@ -393,7 +408,7 @@ class EngineWorker:
                 request = batch[index]
                 rows += [(n, target) for target in request.targets]
                 drafts += request.drafts or [None] * len(request.targets)
-                timed += [request.kind == "final"] * len(request.targets)  # word timings: finals only
+                timed += [request.word_timings] * len(request.targets)
             hypotheses = run_rows(self.engine, [batch[i].audio for i in members], rows, window=window,
                                   max_new_tokens=self.max_new_tokens, should_stop=should_stop, drafts=drafts,
                                   word_timings=timed)
