@@ -1,4 +1,4 @@
-"""Command line: ``streamsed translate`` (offline files) and ``streamsed bench``.
+"""Command line: ``streamsed translate`` (offline files), ``bench``, ``serve``, ``convert-flax``...
 
 Every expected failure (bad audio, unknown language, model not available) ends with a one-line
 ``streamsed: error: ...`` on stderr and exit status 2; tracebacks are for bugs only.
@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", dest="serve_log_level", default=None, help="debug, info (default), warning or error"
     )
+
+    convert_flax = commands.add_parser("convert-flax", help="convert a Flax checkpoint (flax_model.msgpack) to torch")
+    convert_flax.add_argument("directory", help="Flax checkpoint directory (config.json + flax_model.msgpack)")
+    convert_flax.add_argument("out", help="directory for the torch checkpoint (loads with --model OUT)")
 
     commands.add_parser("devices", help="list the microphones (audio input devices) PortAudio sees")
     mic = commands.add_parser(
@@ -179,6 +183,16 @@ def run_bench(args) -> int:
     return run_decode_bench(args)
 
 
+def run_convert_flax(args) -> int:
+    from ..engine.flax_convert import FlaxFormatError, convert_flax_checkpoint
+
+    try:
+        print(convert_flax_checkpoint(args.directory, args.out))
+    except (FlaxFormatError, FileExistsError) as error:
+        raise UserError(str(error)) from None
+    return 0
+
+
 def run_devices(args) -> int:
     from ..daemon.microphone import MicrophoneError, format_devices, input_devices
 
@@ -210,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"translate": run_translate, "bench": run_bench, "serve": run_serve, "devices": run_devices,
-                    "mic": run_mic}
+                    "mic": run_mic, "convert-flax": run_convert_flax}
         return commands[args.command](args)
     except (UserError, AudioError, UnsupportedTarget, ModelUnavailable) as error:
         print(f"streamsed: error: {error}", file=sys.stderr)
