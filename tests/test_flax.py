@@ -121,3 +121,50 @@ def test_bad_flax_model_dir_is_a_one_line_error_for_translate(tmp_path):
     result = streamsed("translate", "samples/hello_en.wav", "--model", str(broken_checkpoint(tmp_path, "truncated")),
                        env={"STREAMSED_CACHE_DIR": str(tmp_path / "cache")})
     assert_one_line_error(result, "not a complete Flax msgpack")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}/") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def _nested(flat: dict) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def test_sharded_and_chunked_checkpoints_read_as_the_single_file(tmp_path):
+    """Shards as FlaxPreTrainedModel.save_pretrained splits them (a weight_map index, nested trees per
+    shard), and one array split the way flax.serialization._chunk splits arrays over 1 GiB."""
+    from streamsed.engine.flax_convert import read_flax_params
+
+    source = FIXTURES / "flax_wav2vec2_bart"
+    flat = _flat(msgpack.unpackb((source / "flax_model.msgpack").read_bytes(), raw=False, ext_hook=msgpack.ExtType))
+    names = sorted(flat)
+    embedding = "decoder/model/decoder/embed_tokens/embedding"
+    array = read_flax_params(source)[tuple(embedding.split("/"))]
+    halves = [array.reshape(-1)[: array.size // 2], array.reshape(-1)[array.size // 2 :]]
+    flat[embedding] = {"__msgpack_chunked_array__": True, "shape": {str(i): n for i, n in enumerate(array.shape)},
+                       "chunks": {str(i): msgpack.ExtType(1, msgpack.packb((h.shape, h.dtype.name, h.tobytes())))
+                                  for i, h in enumerate(halves)}}
+    sharded = shutil.copytree(source, tmp_path / "sharded", ignore=shutil.ignore_patterns("flax_model.msgpack"))
+    weight_map = {}
+    for number, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), 1):
+        shard = f"flax_model-{number:05d}-of-00002.msgpack"
+        (sharded / shard).write_bytes(msgpack.packb(_nested({name: flat[name] for name in part})))
+        weight_map.update(dict.fromkeys(part, shard))
+    (sharded / "flax_model.msgpack.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    expected, got = read_flax_params(source), read_flax_params(sharded)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+    out = convert_flax_checkpoint(sharded, tmp_path / "torch")
+    assert (out / "model.safetensors").is_file()

@@ -36,7 +36,8 @@ SUPPORTED_TYPES = ("speech-encoder-decoder", "whisper", "wav2vec2", "bart", "mba
 # Torch-only parameters no Flax checkpoint has: wav2vec2's SpecAugment mask embedding (training only).
 TORCH_ONLY = ("masked_spec_embed",)
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_SCALAR = 1, 2, 3
-_SKIPPED_FILES = {WEIGHTS, INDEX, "config.json", "expected.npz"}
+# Tokenizer, feature extractor and model-card files travel with the weights (vocab.json, spm.model...).
+_COPIED_SUFFIXES = (".json", ".txt", ".model", ".md", ".tiktoken")
 
 
 class FlaxFormatError(ValueError):
@@ -218,8 +219,8 @@ def convert_flax_checkpoint(directory: Path | str, out_dir: Path | str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
     try:
         tmp.chmod(0o755)
-        for extra in directory.iterdir():  # tokenizer, feature extractor, README...
-            if extra.is_file() and extra.name not in _SKIPPED_FILES and not extra.name.startswith(WEIGHTS.split(".")[0]):
+        for extra in directory.iterdir():  # save_pretrained rewrites config.json and the weights
+            if extra.is_file() and extra.suffix in _COPIED_SUFFIXES and extra.name not in ("config.json", INDEX):
                 shutil.copy2(extra, tmp / extra.name)
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "flax_source.json").write_text(json.dumps({"source": str(directory.resolve())}, indent=2) + "\n")
