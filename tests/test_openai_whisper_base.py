@@ -53,3 +53,27 @@ async def test_a_translation_equals_streamsed_translate_and_words_are_timed(tmp_
     starts = [w.start for w in words.words]
     assert starts == sorted(starts) and all(w.start <= w.end <= words.duration for w in words.words)
     assert " ".join(w.word.strip() for w in words.words).split() == words.text.split()
+
+
+async def test_a_prompt_through_the_api_equals_translate_with_the_same_prompt(tmp_path, capsys):
+    path = tmp_path / "en.wav"
+    sf.write(path, np.concatenate([silence(0.5), espeak("We deployed Kubernetes with Grafana and Prometheus.", "en",
+                                                        130), silence(1.0)]), 16000, subtype="FLOAT")
+    prompt = "kubectl, Grafana, Prometheus"
+    assert main(["translate", str(path), "--source-lang", "en", "--prompt", prompt]) == 0
+    expected = " ".join(capsys.readouterr().out.split("\n")).strip()  # text: one line per segment
+    assert "Grafana" in expected, expected
+    daemon = Daemon(with_overrides(load_config(env={}), server={"port": 0}), load_engine("whisper-base", device="cpu"))
+    await daemon.start()
+    await daemon.wait_ready()
+
+    def call():
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{daemon.port}/v1", api_key="none", max_retries=0)
+        return api.audio.transcriptions.create(model="whisper-base", file=("en.wav", path.read_bytes()),
+                                               language="en", prompt=prompt, response_format="text")
+
+    try:
+        text = await asyncio.to_thread(call)
+    finally:
+        await daemon.stop()
+    assert text.strip() == expected

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="output language(s), comma-separated, e.g. en or de,en (default: same as source = transcribe)",
     )
     translate.add_argument("--format", choices=FORMATS, default="text", help="output format (default: text)")
+    translate.add_argument("--prompt", default=None, help="previous-text context for Whisper (names, spelling, style)")
+    translate.add_argument("--hotwords", default=None, help="words to favour, put before --prompt (Whisper)")
     translate.add_argument(
         "--window", choices=["exact", "fast", "auto"], default="auto",
         help="encoder window (default: auto = fast on CPU, exact on CUDA, as the daemon's [model] final_window)",
@@ -106,7 +108,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def run_translate(args) -> int:
     from ..core.audio import load_audio_file
     from ..core.captions import format_results
-    from ..core.languages import parse_language, resolve_targets
+    from ..core.languages import context_text, parse_language, resolve_targets
     from ..core.segments import segment_audio
     from ..engine.loading import load_engine
     from ..engine.offline import translate_segments
@@ -117,7 +119,11 @@ def run_translate(args) -> int:
         raise UserError(f"--format {args.format} takes one target language; use jsonl for several")
     audio, _ = load_audio_file(args.audio)  # check the input before the (slow) model load
     engine = load_engine(args.model, device=args.device, dtype=args.dtype, window_margin_s=args.window_margin)
-    resolved = resolve_targets(engine, source, targets)
+    try:
+        prompt = context_text(args.prompt, args.hotwords)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    resolved = resolve_targets(engine, source, targets, prompt)
     segments = segment_audio(engine, audio)
     if not segments:
         log.warning("no speech found in %s", args.audio)
