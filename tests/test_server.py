@@ -116,7 +116,7 @@ async def test_stream_stop_delivers_finals_then_closes_1000(daemon, speech):
     async with connect(f"{daemon.url}/v1/stream") as ws:
         ready = await start(ws, stream="room1", source_lang="en")
         assert ready == {"type": "ready", "stream": "room1", "session": ready["session"], "model": "tiny-whisper",
-                         "sample_rate": 16000, "source_lang": "en", "targets": ["en"]}
+                         "sample_rate": 16000, "source_lang": "en", "targets": ["en"], "prompt": None}
         await stream(ws, speech)
         await ws.send(json.dumps({"type": "keepalive"}))
         await ws.send(json.dumps({"type": "stop"}))
@@ -585,7 +585,7 @@ async def test_engine_counters_are_served_as_json(daemon, speech):
     status, body = await http_get(daemon.url.replace("ws://", "http://") + "/v1/engine")
     before = json.loads(body)
     assert status == 200 and before["model"] == "tiny-whisper" and before["overloaded"] is False
-    assert before["windows"] == {"final": "fast", "partial": "fast"} and before["final_deadline_ms"] == 2000
+    assert before["windows"] == {"final": "fast", "partial": "fast", "file": "fast"} and before["final_deadline_ms"] == 2000
     async with connect(f"{daemon.url}/v1/stream") as ws:
         await start(ws, stream="counted", source_lang="en")
         await stream(ws, speech)
