@@ -48,7 +48,7 @@ def joined(clips, gap_s):
 def test_silero_probabilities_are_the_silero_package_s_own():
     audio = alsa_clip("Front_Center")
     frames = audio[: len(audio) // FRAME_SAMPLES * FRAME_SAMPLES].reshape(-1, FRAME_SAMPLES)
-    ours = SileroClassifier().probabilities(frames)
+    ours = SileroClassifier(backend="jit").probabilities(frames)
     threads = torch.get_num_threads()
     try:
         from silero_vad import load_silero_vad  # sets torch's thread count to 1: streamsed never imports it
@@ -113,3 +113,34 @@ def test_a_forced_cut_falls_into_a_pause_not_into_a_word():
     for cut in forced:
         assert any(gap_start - frame <= cut <= gap_end + frame for gap_start, gap_end in gaps), cut / RATE
     assert all(s.end - s.start <= config.max_segment_s * RATE for s in found)
+
+
+@pytest.mark.parametrize("name", ["Front_Center", "Rear_Left", "Noise"])
+def test_the_onnx_sequence_model_gives_the_torchscript_probabilities(name):
+    # Streamed in 100 ms pieces (3 frames, the last piece shorter), with state carried between calls.
+    audio = alsa_clip(name) if name != "Noise" else not_speech()["alsa_noise"]
+    frames = audio[: len(audio) // FRAME_SAMPLES * FRAME_SAMPLES].reshape(-1, FRAME_SAMPLES)
+    onnx, jit = SileroClassifier(backend="onnx"), SileroClassifier(backend="jit")
+    assert onnx.backend == "onnx" and SileroClassifier().backend == "onnx"  # the default with onnxruntime
+    fast = [p for start in range(0, len(frames), 3) for p in onnx.probabilities(frames[start:start + 3])]
+    slow = jit.probabilities(frames)
+    np.testing.assert_allclose(fast, slow, atol=1e-5)
+    assert [p > 0.5 for p in fast] == [p > 0.5 for p in slow]
+
+
+def test_the_onnx_model_is_silero_s_own_sequence_model():
+    from streamsed.engine.voice import _data_file
+
+    threads = torch.get_num_threads()
+    try:
+        from silero_vad.sequence_vad import SileroVADSequence  # the package sets torch's thread count to 1
+    finally:
+        torch.set_num_threads(threads)
+    audio = alsa_clip("Side_Right")
+    audio = audio[: len(audio) // FRAME_SAMPLES * FRAME_SAMPLES]
+    theirs = SileroVADSequence(str(_data_file("silero_vad_16k_sequence.onnx"))).audio_forward(audio)
+    classifier = SileroClassifier(backend="onnx")
+    piece = 3 * FRAME_SAMPLES  # 96 ms, about what a 100 ms websocket chunk gives
+    ours = [p for start in range(0, len(audio), piece) for p in
+            classifier.probabilities(audio[start:start + piece].reshape(-1, FRAME_SAMPLES))]
+    np.testing.assert_array_equal(np.float32(ours), theirs)
