@@ -298,7 +298,9 @@ async def tiny_daemon(decode_delay: float = 0.0):
             return decode(*args, **kwargs)
 
         engine.decode = slow_decode
-    daemon = Daemon(with_overrides(load_config(env={}), server={"port": 0}, guard=NO_GUARD), engine)
+    # The delay is patched into this engine object; a second lane would decode on an unpatched replica.
+    lanes = {"lanes": 1} if decode_delay else {}
+    daemon = Daemon(with_overrides(load_config(env={}), server={"port": 0}, guard=NO_GUARD, model=lanes), engine)
     await daemon.start()
     await daemon.wait_ready()
     return daemon

@@ -222,3 +222,108 @@ async def test_a_long_file_never_holds_a_live_final_back_by_more_than_the_runnin
     for final_id, mark in marks.items():
         assert engine.ran.index(final_id) <= mark + 2, (final_id, mark, engine.ran[mark : mark + 4])
     assert worker.stats.requests == 208
+
+
+async def test_with_no_final_queued_a_partial_batch_stays_short_enough_for_a_final_to_be_on_time():
+    # Deadline 1 s, 0.1 s a request: a final arriving just after a partial batch starts must still be
+    # on time with half its deadline to spare, so a batch holds at most (0.5 s - 0.1 s) / 0.1 s = 4.
+    engine = FakeEngine(cost=0.1)
+    worker = EngineWorker(engine, max_batch_utterances=16, batch_window_ms=20, final_deadline_ms=1000)
+    worker.start()
+    try:
+        await worker.transcribe(audio(0), T, "final")  # teaches the costs
+        await worker.transcribe(audio(1), T, "partial", key="warm")
+        await asyncio.gather(*(worker.submit(audio(10 + i), T, "partial", key=i) for i in range(10)))
+    finally:
+        worker.stop()
+    sizes = [len(b) for b in engine.batches[2:]]
+    assert sum(sizes) == 10 and max(sizes) <= 4 and len(sizes) >= 3
+
+
+async def test_an_idle_engine_runs_one_partial_even_when_it_costs_more_than_the_budget():
+    engine = FakeEngine(cost=0.3)  # a final alone takes more than half the 0.4 s deadline
+    worker = EngineWorker(engine, max_batch_utterances=16, batch_window_ms=20, final_deadline_ms=400)
+    worker.start()
+    try:
+        await worker.transcribe(audio(0), T, "final")
+        await worker.transcribe(audio(1), T, "partial", key="warm")
+        results = await asyncio.gather(*(worker.submit(audio(10 + i), T, "partial", key=i) for i in range(3)))
+    finally:
+        worker.stop()
+    assert [len(b) for b in engine.batches[2:]] == [1, 1, 1] and all(r is not None for r in results)
+
+
+async def test_partials_of_segments_that_showed_nothing_go_first_then_the_stalest():
+    engine = FakeEngine(cost=0.01)
+    worker = EngineWorker(engine, max_batch_utterances=1, batch_window_ms=0)
+    now = time.monotonic()
+    futures = [worker.submit(audio(1), T, "partial", key="a", shown=now - 1.0),  # shown 1 s ago
+               worker.submit(audio(2), T, "partial", key="b", shown=now - 3.0),  # shown 3 s ago: stalest
+               worker.submit(audio(3), T, "partial", key="c"),  # nothing shown yet
+               worker.submit(audio(4), T, "partial", key="d")]  # nothing shown yet, submitted later
+    worker.start()
+    try:
+        await asyncio.gather(*futures)
+    finally:
+        worker.stop()
+    assert engine.ran == ["3", "4", "2", "1"]
+
+
+@dataclass
+class LaneEngine(FakeEngine):
+    """A FakeEngine whose replicas record into the same lists (one per worker lane)."""
+
+    def replica(self):
+        twin = LaneEngine(cost=self.cost)
+        twin.ran, twin.batches = self.ran, self.batches
+        return twin
+
+    def encode(self, audios, window="exact"):
+        encoded = super().encode(audios, window)
+        self.mine = self.batches[-1]  # this lane's batch: the other lane may have appended since
+        self.ran.append("start " + self.mine[0])
+        return encoded
+
+    def decode(self, encoded, rows, max_new_tokens=None, should_stop=None, drafts=None):
+        end = time.monotonic() + self.cost * len(encoded)
+        while time.monotonic() < end:
+            if should_stop is not None and should_stop():
+                raise DecodeInterrupted("stopped")
+            time.sleep(0.01)
+        self.ran.extend(self.mine)
+        self.last_stats = DecodeStats(steps=1, rows=len(rows), batch_sizes=[len(rows)])
+        return [Hypothesis([], self.mine[u], target) for u, target in rows]
+
+
+async def test_with_two_lanes_a_final_takes_the_idle_lane_instead_of_preempting_a_partial():
+    # With one lane this deadline preempts the running partial (test above); with two, the idle
+    # lane takes the final at once and the partial finishes.
+    engine = LaneEngine(cost=0.3)
+    worker = EngineWorker(engine, max_batch_utterances=16, batch_window_ms=0, final_deadline_ms=250, lanes=2)
+    worker.start()
+    try:
+        await worker.transcribe(audio(0), T, "final")
+        await worker.transcribe(audio(1), T, "partial", key="warm")
+        partial = worker.submit(audio(2), T, "partial", key="s")
+        await asyncio.sleep(0.1)  # the partial is decoding on one lane
+        final = worker.submit(audio(3), T, "final")
+        results = await asyncio.gather(partial, final)
+    finally:
+        worker.stop()
+    assert worker.stats.preempted == 0 and all(r is not None for r in results)
+    assert engine.ran.index("start 3") < engine.ran.index("2")  # the final started while the partial ran
+
+
+async def test_cpu_lanes_run_each_final_alone_in_deadline_order():
+    engine = LaneEngine(cost=0.05)
+    worker = EngineWorker(engine, max_batch_utterances=16, batch_window_ms=0, lanes=2)
+    futures = [worker.submit(audio(i), T, "final") for i in range(6)]
+    futures.append(worker.submit(audio(9), T, "partial", key="p"))
+    worker.start()
+    try:
+        await asyncio.gather(*futures)
+    finally:
+        worker.stop()
+    assert all(len(b) == 1 for b in engine.batches)
+    started = [b[0] for b in engine.batches]  # in the order the lanes took them
+    assert started[:6] == [str(i) for i in range(6)] and started[6] == "9"  # by deadline, the partial last

@@ -437,7 +437,13 @@ async def test_pings_answered_promptly_while_the_model_is_busy(daemon, engine, s
     assert max(latencies) < 0.25, latencies
 
 
-async def test_four_concurrent_streams_complete_and_batch(daemon, engine, speech):
+@pytest.mark.parametrize("lanes", [1, 2])
+async def test_four_concurrent_streams_complete_and_batch(engine, speech, lanes):
+    # One lane (as on CUDA) batches finals of different streams; two lanes (a CPU) run each alone.
+    daemon = Daemon(with_overrides(config(), model={"lanes": lanes}), engine)
+    await daemon.start()
+    await daemon.wait_ready()
+
     async def client(n):
         async with connect(f"{daemon.url}/v1/stream") as ws:
             await start(ws, stream=f"c{n}")
@@ -446,11 +452,20 @@ async def test_four_concurrent_streams_complete_and_batch(daemon, engine, speech
             events = await until_closed(ws, timeout=120)
             return ws.close_code, finals(events)
 
-    with BusyEncoder(engine, 0.3):
-        results = await asyncio.gather(*(client(n) for n in range(4)))
+    try:
+        with BusyEncoder(engine, 0.3):  # slows lane 0 (the engine itself; a second lane has a replica)
+            results = await asyncio.gather(*(client(n) for n in range(4)))
+        stats = daemon.worker.stats
+    finally:
+        await daemon.stop()
     for n, (code, sent) in enumerate(results):
         assert code == 1000 and [(e["stream"], e["segment"]) for e in sent] == [(f"c{n}", 0), (f"c{n}", 1)]
-    assert daemon.worker.stats.max_encoder_batch > 1
+    assert daemon.worker.lanes == lanes
+    if lanes == 1:
+        assert stats.max_encoder_batch > 1
+    else:
+        finals_alone = sum(count for size, count in stats.encoder_batches.items() if size == 1)
+        assert finals_alone >= 8 and stats.requests >= 8
 
 
 # -- `streamsed serve` errors before any model work ------------------------------------------------

@@ -280,3 +280,57 @@ async def test_a_final_preempts_a_running_partial_batch(audios):
     finally:
         worker.stop()
     assert worker.stats.preempted == 0
+
+
+def test_a_replica_shares_the_weights_but_not_the_modules(engine):
+    twin = engine.replica()
+    assert twin.model is not engine.model and twin.model.config is not engine.model.config
+    assert twin.tokenizer is not engine.tokenizer and twin.family.model is twin.model
+    for (name, ours), (_, theirs) in zip(engine.model.named_parameters(), twin.model.named_parameters()):
+        assert ours.data_ptr() == theirs.data_ptr(), name  # the same tensors: no second copy of the weights
+    twin.model.set_attn_implementation("eager")  # what word timings do to their engine for one call
+    assert engine.model.config._attn_implementation != "eager"
+
+
+async def test_two_lanes_give_the_hypotheses_of_one_and_use_both_threads(engine, audios, monkeypatch):
+    import threading
+
+    import torch
+
+    threads_before = torch.get_num_threads()
+    worker = EngineWorker(engine, max_new_tokens=SHORT, lanes=2)
+    seen = set()
+    for lane in worker._engines:  # record which thread ran each encoder pass
+        original = lane.encode
+
+        def encode(audios, window="exact", original=original):
+            seen.add(threading.current_thread().name)
+            time.sleep(0.05)  # long enough that the other lane takes the next final meanwhile
+            return original(audios, window)
+
+        monkeypatch.setattr(lane, "encode", encode)
+    futures = [worker.submit(audio, TARGETS) for audio in audios]
+    futures += [worker.submit(audio, TARGETS, "partial", key=i) for i, audio in enumerate(audios)]
+    worker.start()
+    try:
+        results = await asyncio.gather(*futures)
+    finally:
+        worker.stop()
+    assert seen == {"streamsed-engine-0", "streamsed-engine-1"}
+    monkeypatch.undo()
+    for audio, hypotheses in zip(audios + audios, results):
+        (single,) = engine.transcribe([audio], TARGETS, max_new_tokens=SHORT)
+        assert tokens(hypotheses) == tokens(single)
+    assert worker.stats.requests == 8 and worker.stats.encoder_batches[1] >= 4  # CPU lanes: finals one at a time
+    assert torch.get_num_threads() == threads_before  # the lanes gave the process its thread count back
+
+
+def test_lanes_auto_is_two_on_a_multicore_cpu(engine, monkeypatch):
+    from streamsed.engine import worker as worker_module
+
+    monkeypatch.setattr(worker_module.os, "cpu_count", lambda: 2)
+    assert worker_module.auto_lanes(engine) == 2
+    monkeypatch.setattr(worker_module.os, "cpu_count", lambda: 1)
+    assert worker_module.auto_lanes(engine) == 1
+    with pytest.raises(ValueError, match="lanes"):
+        EngineWorker(engine, lanes=-1)

@@ -34,6 +34,7 @@ import numpy as np
 
 CHUNK_S = 0.1
 STAGGER_S = 0.37  # stream i starts i * STAGGER_S after stream 0: real talkers do not start in sync
+WORKER_COUNTERS = ("batches", "requests", "superseded", "preempted", "deferred", "decoder_forwards", "busy_seconds")
 
 
 @dataclass
@@ -60,6 +61,13 @@ class LoadResult:
     lag_over_time: list[tuple[float, float]]  # (seconds into the run, final lag)
     draft_accepted_share: float | None = None
     vad_ms_per_stream_second: float | None = None  # CPU ms Silero VAD took per second of each stream
+    # Where a final's lag goes (from its own queued_ms/compute_ms) and what happened to partial work:
+    final_queued_ms_p50: float | None = None
+    final_queued_ms_p95: float | None = None
+    final_compute_ms_p50: float | None = None
+    final_compute_ms_p95: float | None = None
+    partials_received: int = 0
+    worker: dict = field(default_factory=dict)  # deltas of the worker counters over the level
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -213,10 +221,14 @@ async def run_level(ws_url: str, http_url: str, n: int, pcm: np.ndarray, rate: i
             if seen is not None and seen < arrived:
                 with_partial += 1
                 firsts.append(seen - (log.started + event["start"]))
-    busy = (after["busy_seconds"] - before["busy_seconds"]) / wall
+    busy = (after["busy_seconds"] - before["busy_seconds"]) / wall / after.get("lanes", 1)
     vad_audio = after["vad"]["audio_seconds"] - before["vad"]["audio_seconds"]
     vad_ms = 1000 * (after["vad"]["cpu_seconds"] - before["vad"]["cpu_seconds"]) / vad_audio if vad_audio else None
     offered = after["draft_offered"] - before["draft_offered"]
+    finals = [event for log in logs if not log.refused for _, event in log.finals]
+    queued = [event["queued_ms"] for event in finals if event.get("queued_ms") is not None]
+    computed = [event["compute_ms"] for event in finals if event.get("compute_ms") is not None]
+    worker = {key: after[key] - before[key] for key in WORKER_COUNTERS if key in after and key in before}
     accepted = after["draft_accepted"] - before["draft_accepted"]
     return LoadResult(
         streams=n, refused=sum(bool(log.refused) for log in logs), segments=segments,
@@ -226,6 +238,9 @@ async def run_level(ws_url: str, http_url: str, n: int, pcm: np.ndarray, rate: i
         finals_per_s=round(segments / wall, 3), engine_busy=round(min(busy, 1.0), 3), rss_mb=rss_mb(pid),
         lag_over_time=sorted(over_time), draft_accepted_share=round(accepted / offered, 3) if offered else None,
         vad_ms_per_stream_second=round(vad_ms, 2) if vad_ms is not None else None,
+        final_queued_ms_p50=percentile(queued, 50), final_queued_ms_p95=percentile(queued, 95),
+        final_compute_ms_p50=percentile(computed, 50), final_compute_ms_p95=percentile(computed, 95),
+        partials_received=sum(len(log.partials) for log in logs), worker=worker,
     )
 
 

@@ -315,7 +315,8 @@ class LocalBackend:
                                           model.cuda_graphs)
         resolve_targets(self.engine, self.settings.source_lang, self.settings.targets)  # UnsupportedTarget
         self.worker = EngineWorker(self.engine, model.max_batch_utterances, final_window=model.final_window,
-                                   partial_window=model.partial_window, final_deadline_ms=model.final_deadline_ms)
+                                   partial_window=model.partial_window, final_deadline_ms=model.final_deadline_ms,
+                                   lanes=model.lanes)
         self.worker.start()
 
     async def open(self, opened: Opened) -> None:

@@ -55,6 +55,7 @@ class ModelConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_batch_utterances: int = 16
+    lanes: int = 0  # engine threads running batches in parallel; 0 = auto (2 on a multi-core CPU, 1 on CUDA)
     final_window: str = "auto"  # exact | fast | auto (fast on CPU, exact on CUDA)
     partial_window: str = "fast"
     window_margin_s: float = 5.0
@@ -272,6 +273,7 @@ def _validate(config: Config) -> None:
         (model.dtype in ("auto", "float32", "float16", "bfloat16", "int8"),
          "[model] dtype must be auto, float32, float16, bfloat16 or int8"),
         (model.max_batch_utterances >= 1, "[model] max_batch_utterances must be at least 1"),
+        (0 <= model.lanes <= 16, "[model] lanes must be between 0 (auto) and 16"),
         (model.final_window in WINDOWS, "[model] final_window must be exact, fast or auto"),
         (model.partial_window in WINDOWS, "[model] partial_window must be exact, fast or auto"),
         (0 <= model.window_margin_s <= 30, "[model] window_margin_s must be between 0 and 30"),

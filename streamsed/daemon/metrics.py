@@ -87,10 +87,13 @@ class _LiveCollector:
         if worker is not None:
             stats = worker.stats
             uptime = max(time.monotonic() - worker.started_at, 1e-9)
-            yield GaugeMetricFamily("streamsed_engine_busy_ratio", "Share of time the engine ran batches, since start",
-                                    value=min(stats.busy_seconds / uptime, 1.0))
-            yield CounterMetricFamily("streamsed_engine_busy_seconds", "Seconds the engine ran batches "
-                                      "(rate() of it is the busy ratio over any window)", value=stats.busy_seconds)
+            yield GaugeMetricFamily("streamsed_engine_busy_ratio", "Share of time the engine's lanes ran batches, "
+                                    "since start", value=min(stats.busy_seconds / uptime / worker.lanes, 1.0))
+            yield CounterMetricFamily("streamsed_engine_busy_seconds", "Seconds the engine ran batches, summed over "
+                                      "its lanes (rate() of it / lanes is the busy ratio over any window)",
+                                      value=stats.busy_seconds)
+            yield GaugeMetricFamily("streamsed_engine_lanes", "Engine threads running batches in parallel",
+                                    value=worker.lanes)
             yield GaugeMetricFamily("streamsed_engine_queue_depth", "Requests waiting for the engine",
                                     value=worker.queue_depth)
             yield _histogram("streamsed_encoder_batch_size", "Utterances per encoder pass", stats.encoder_batches)

@@ -167,7 +167,8 @@ class Daemon:
 
             model = self.config.model
             self.worker = EngineWorker(self.engine, model.max_batch_utterances, final_window=model.final_window,
-                                       partial_window=model.partial_window, final_deadline_ms=model.final_deadline_ms)
+                                       partial_window=model.partial_window, final_deadline_ms=model.final_deadline_ms,
+                                       lanes=model.lanes)
             self.worker.start()
         except Exception as error:
             self.load_error = error

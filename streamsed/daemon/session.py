@@ -119,6 +119,7 @@ class StreamSession:
         self._agreements: dict[int, dict[Target, LocalAgreement]] = {}  # segment -> one per target
         # segment -> requested target -> tokens of its latest hypothesis: the draft of the next request
         self._drafts: dict[int, dict[Target, list[int]]] = {}
+        self._shown: dict[int, float] = {}  # segment -> when it last showed a partial (orders partial work)
         self._last_final_segment = -1  # segments up to this one have had their finals emitted
         self._final_chain: asyncio.Task | None = None  # the newest final; it awaits the ones before
         self._finals_in_flight = 0
@@ -222,6 +223,7 @@ class StreamSession:
                 continue  # noise so far, or a loop: show nothing (the final decides for good)
             agreement = agreements.setdefault(hypothesis.target, LocalAgreement())
             stable, unstable = agreement.update(hypothesis.text)
+            self._shown[segment] = time.monotonic()
             self._emit({"type": "partial", "stream": self.stream, "segment": segment,
                         "target_lang": hypothesis.target.target_lang, "stable": stable,
                         "unstable": unstable, "start": _seconds(start)})
@@ -246,6 +248,7 @@ class StreamSession:
         self._last_final_segment = ended.segment
         self._agreements.pop(ended.segment, None)
         self._drafts.pop(ended.segment, None)
+        self._shown.pop(ended.segment, None)
         if isinstance(hypotheses, Exception):
             log.error("stream %s: final of segment %d failed: %s", self.stream, ended.segment, hypotheses)
             self._emit({"type": "error", "code": DECODE_FAILED,
@@ -279,7 +282,8 @@ class StreamSession:
         known = self._drafts.get(segment, {})
         drafts = [known.get(target) for target in targets]
         try:
-            return self._worker.submit(audio, targets, kind, key=self, drafts=drafts if any(drafts) else None)
+            return self._worker.submit(audio, targets, kind, key=self, drafts=drafts if any(drafts) else None,
+                                       shown=self._shown.get(segment) if kind == "partial" else None)
         except RuntimeError as error:
             future = asyncio.get_running_loop().create_future()
             future.set_exception(error)

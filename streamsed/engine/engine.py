@@ -19,6 +19,8 @@ instead of its 30 s one: not generate()'s input any more, about a quarter of the
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -122,7 +124,8 @@ class DecodeStats:
 
 
 class Engine:
-    """Owns one model on one device. Not thread-safe: one worker thread drives it."""
+    """Owns one model on one device. Not thread-safe: one worker thread drives it (a second
+    thread gets its own ``replica()``)."""
 
     def __init__(self, model, feature_extractor, tokenizer, *, name: str, device: torch.device, dtype: torch.dtype,
                  window_margin_s: float = DEFAULT_WINDOW_MARGIN_S):
@@ -139,6 +142,22 @@ class Engine:
         self.last_stats = DecodeStats()
         self.static_decoder = None  # a StaticDecoder once enable_static_decoding() ran (CUDA graphs)
         self._input_name = feature_extractor.model_input_names[0]
+
+    def replica(self) -> Engine:
+        """A second Engine on the same weights, for another worker lane (thread).
+
+        Module objects, config, tokenizer and stats are its own (word timings switch the attention
+        implementation of their model for one call, and decoding records ``last_stats``); parameter
+        and buffer tensors are shared, so a replica costs little memory and gives identical outputs.
+        """
+        if self.static_decoder is not None:
+            raise ValueError("an engine decoding on a static cache (CUDA graphs) has no replicas")
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        model = copy.deepcopy(self.model, memo={id(tensor): tensor for tensor in tensors})
+        twin = Engine(model, self.feature_extractor, copy.deepcopy(self.tokenizer), name=self.name,
+                      device=self.device, dtype=self.dtype, window_margin_s=self.window_margin_s)
+        twin.quantized = self.quantized
+        return twin
 
     # -- facts the pipeline needs -------------------------------------------------------------------
     @property

@@ -1,4 +1,4 @@
-"""The engine worker: one thread owns the model and schedules the work of every session.
+"""The engine worker: its threads own the model and schedule the work of every session.
 
 Sessions never run torch. They hand a request (audio, targets, kind, optional drafts) to
 ``EngineWorker.submit`` or ``await EngineWorker.transcribe(...)``; the request is plain data in a
@@ -9,7 +9,10 @@ queue. The worker thread is a small deadline scheduler:
    **finals first**, earliest deadline first (deadline = arrival + ``final_deadline_ms``);
    **partials only in spare capacity**: none while finals are overdue or while the finals already
    queued would take the engine past their deadline (measured cost per final, kept as a moving
-   average). A partial that is not taken stays queued and is superseded by its stream's next one.
+   average). With no final queued, a batch of partials is kept short enough that a final arriving
+   just after it starts still meets its deadline (an encoder pass cannot be interrupted). Partials
+   of segments that have shown nothing yet go first, then the stream whose captions are stalest.
+   A partial that is not taken stays queued and is superseded by its stream's next one.
    **File jobs** (``kind="file"``: segments of an uploaded file, the HTTP API) come last, in the
    spare capacity partials leave, and are never superseded: a long file advances between live
    finals and never holds one back by more than the batch already running.
@@ -22,6 +25,15 @@ queue. The worker thread is a small deadline scheduler:
    carries ``queued_ms`` (wait before its batch started) and ``compute_ms`` (its batch's run time).
    If a batch raises, its requests are retried one by one so that the exception reaches only the
    request that caused it. The worker itself keeps running.
+
+**Lanes.** On a CPU the worker runs two *lanes* by default (``lanes``; ``[model] lanes``): threads
+that each take the next batch from the one queue and run it on their own ``Engine.replica()`` (the
+same weight tensors) with half the cores each. On this project's 2-core machine one torch thread
+team of two stalls whenever the VAD, the event loop or a client needs a core, so under live load two
+single-threaded lanes get more done, and two finals that arrive together both start at once
+(README "Capacity" has the measurements). CUDA keeps one lane: there one batched pass is what is
+fast. A CPU lane takes its share of the queued finals (usually one, alone) and no partials beside
+them: the other lane takes those.
 
 **Overload.** When finals fall behind their deadline the worker is ``overloaded`` (partials pause
 as above; the server refuses new ingest sessions with ``overloaded``). The episode is logged once
@@ -41,19 +53,21 @@ import asyncio
 import copy
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..core.languages import Target
 from .engine import DecodeInterrupted, Engine, Hypothesis, run_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineWorker", "WorkerStats", "KINDS", "DEFAULT_FINAL_DEADLINE_MS"]
+__all__ = ["EngineWorker", "WorkerStats", "KINDS", "DEFAULT_FINAL_DEADLINE_MS", "auto_lanes"]
 
 KINDS = ("final", "partial", "file")
 DEFAULT_FINAL_DEADLINE_MS = 2000.0
@@ -112,8 +126,22 @@ class _Request:
     future: asyncio.Future
     drafts: list[list[int] | None] | None = None  # one per target
     word_timings: bool = False
+    shown: float | None = None  # partials: when their segment last showed a partial (None: never)
     submitted: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")  # finals only
+
+
+def auto_lanes(engine) -> int:
+    """Lanes for ``lanes=0`` (auto): one on CUDA or on a single core, else two (see the module docstring)."""
+    if getattr(engine, "device", torch.device("cpu")).type != "cpu" or getattr(engine, "static_decoder", None):
+        return 1
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def _staleness(request: _Request) -> tuple[bool, float]:
+    """Sort key of waiting partials: segments that showed nothing yet first (oldest request first),
+    then the one whose last partial is oldest."""
+    return (request.shown is not None, request.submitted if request.shown is None else request.shown)
 
 
 def _settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
@@ -139,12 +167,20 @@ class EngineWorker:
         final_window: str = "exact",  # the daemon passes its [model] settings (auto / fast by default)
         partial_window: str = "exact",
         final_deadline_ms: float = DEFAULT_FINAL_DEADLINE_MS,
+        lanes: int = 1,  # 0: auto_lanes()
     ):
+        if lanes < 0:
+            raise ValueError(f"lanes must be 0 (auto) or more, got {lanes}")
         if max_batch_utterances < 1:
             raise ValueError(f"max_batch_utterances must be at least 1, got {max_batch_utterances}")
         if final_deadline_ms <= 0:
             raise ValueError(f"final_deadline_ms must be positive, got {final_deadline_ms}")
         self.engine = engine
+        self.lanes = lanes or auto_lanes(engine)
+        self._engines = [engine] + [engine.replica() for _ in range(self.lanes - 1)]
+        # Lanes split the cores; one lane keeps torch's setting (what the user or the machine chose).
+        self._torch_threads = torch.get_num_threads()
+        self._threads_per_lane = max(1, self._torch_threads // self.lanes) if self.lanes > 1 else None
         self.max_batch_utterances = max_batch_utterances
         self.batch_window_s = max(batch_window_ms, 0.0) / 1000
         self.max_new_tokens = max_new_tokens
@@ -157,19 +193,20 @@ class EngineWorker:
         self._episode_worst = 0.0
         self._pending: list[_Request] = []
         self._finals_pending = 0  # read without the lock by the decode loop's should_stop
+        self._idle_lanes = 0  # lanes waiting for work: a final then needs no partial to yield
         self._condition = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._stats = WorkerStats()
         self._stats_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
-        """Launch the worker thread (a daemon thread, so a crashed main cannot hang on it)."""
+        """Launch the lane threads (daemon threads, so a crashed main cannot hang on them)."""
         with self._condition:
             if self._stopping:
                 raise RuntimeError("EngineWorker cannot be restarted after stop()")
-            if self._thread is None:
+            if not self._threads:
                 self._launch()
 
     def stop(self) -> None:
@@ -181,19 +218,23 @@ class EngineWorker:
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
-            if self._thread is None and self._pending:  # never started: start now so the work drains
+            if not self._threads and self._pending:  # never started: start now so the work drains
                 self._launch()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            threads = list(self._threads)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
 
     def _launch(self) -> None:
-        self._thread = threading.Thread(target=self._serve, name="streamsed-engine", daemon=True)
-        self._thread.start()
+        for lane, engine in enumerate(self._engines):
+            name = "streamsed-engine" if self.lanes == 1 else f"streamsed-engine-{lane}"
+            thread = threading.Thread(target=self._serve, args=(engine,), name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return any(thread.is_alive() for thread in self._threads) and not self._stopping
 
     @property
     def stats(self) -> WorkerStats:
@@ -205,6 +246,7 @@ class EngineWorker:
     def submit(
         self, audio: np.ndarray, targets: Sequence[Target], kind: str = "final", *, key: Hashable | None = None,
         drafts: Sequence[list[int] | None] | None = None, word_timings: bool | None = None,
+        shown: float | None = None,
     ) -> asyncio.Future:
         """Queue a request now and return a future of the running loop for its hypotheses.
 
@@ -213,7 +255,8 @@ class EngineWorker:
         to None for a partial superseded by a newer one with the same ``key``. ``drafts`` (one per
         target, each may be None) are guesses at the tokens, e.g. the stream's previous partial:
         they save decoder steps and never change the result. ``word_timings`` (default: finals
-        only) adds ``words`` to the hypotheses.
+        only) adds ``words`` to the hypotheses. ``shown`` (partials): the ``time.monotonic()`` when
+        the segment last showed a partial, None if it has shown none; it orders waiting partials.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -224,7 +267,7 @@ class EngineWorker:
         loop = asyncio.get_running_loop()
         request = _Request(np.asarray(audio, dtype=np.float32), list(targets), kind, key, loop, loop.create_future(),
                            [list(d) if d else None for d in drafts] if drafts is not None else None,
-                           kind == "final" if word_timings is None else word_timings)
+                           kind == "final" if word_timings is None else word_timings, shown)
         if kind == "final":
             request.deadline = request.submitted + self.final_deadline_s
         with self._condition:
@@ -251,6 +294,11 @@ class EngineWorker:
         return self._overloaded_since is not None
 
     @property
+    def costs(self) -> dict[str, float]:
+        """The measured engine seconds per request, by kind (moving averages; 0 until one ran)."""
+        return {kind: round(cost, 4) for kind, cost in self._cost.items()}
+
+    @property
     def queue_depth(self) -> int:
         """Requests waiting for the engine (read without the lock: a gauge, not an invariant)."""
         return len(self._pending)
@@ -272,13 +320,22 @@ class EngineWorker:
                 self._stats.superseded += len(stale)
 
     # -- the worker thread --------------------------------------------------------------------------
-    def _serve(self) -> None:
+    def _serve(self, engine: Engine) -> None:
+        if self._threads_per_lane is None:
+            return self._serve_batches(engine)
+        torch.set_num_threads(self._threads_per_lane)  # this thread's team (OpenMP settings are per thread)
+        try:
+            self._serve_batches(engine)
+        finally:  # torch also keeps the count as the default of new threads: give the process its own back
+            torch.set_num_threads(self._torch_threads)
+
+    def _serve_batches(self, engine: Engine) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
             try:
-                self._run(batch)
+                self._run(batch, engine)
             except Exception as error:  # a bug here must not leave awaiters hanging or kill the thread
                 log.exception("engine worker batch crashed")
                 for request in batch:
@@ -290,10 +347,14 @@ class EngineWorker:
     def _next_batch(self) -> list[_Request] | None:
         """Block for work; None once stopped with nothing left to do."""
         with self._condition:
-            while not self._pending and not self._stopping:
-                self._condition.wait()
-            if not self._pending:
-                return None
+            self._idle_lanes += 1
+            try:
+                while not self._pending and not self._stopping:
+                    self._condition.wait()
+                if not self._pending:
+                    return None
+            finally:
+                self._idle_lanes -= 1
         if self.batch_window_s:
             time.sleep(self.batch_window_s)  # let requests submitted together arrive together
         with self._condition:
@@ -305,12 +366,19 @@ class EngineWorker:
         now = time.monotonic()
         live = [r for r in self._pending if not r.future.cancelled()]
         finals = sorted((r for r in live if r.kind == "final"), key=lambda r: (r.deadline, r.submitted))
-        batch = finals[: self.max_batch_utterances]
+        # One lane (CUDA) batches every queued final. CPU lanes split the queue: usually that is one
+        # final each, alone (batching saves a CPU little, and a batch answers its finals only at its
+        # end), while a backlog is still decoded in batches, whose decoder steps rows share.
+        batch = finals[: min(self.max_batch_utterances, math.ceil(len(finals) / self.lanes))]
         self._track_overload(now, finals)
-        spare = self._spare_seconds(now, finals)
+        spare = self._spare_seconds(now, finals) if self.lanes == 1 or not batch else 0.0
         for kind in ("partial", "file"):
             waiting = [r for r in live if r.kind == kind]
+            if kind == "partial":
+                waiting.sort(key=_staleness)
             room = min(self._fits(spare, kind), self.max_batch_utterances - len(batch))
+            if not batch and not self.overloaded:
+                room = max(room, 1)  # an idle engine always runs one, even if it costs more than the budget
             taken = waiting[: max(room, 0)]
             batch += taken
             spare -= len(taken) * self._cost[kind]
@@ -323,12 +391,14 @@ class EngineWorker:
 
     def _spare_seconds(self, now: float, finals: list[_Request]) -> float:
         """Engine time left before the earliest queued final's deadline once every queued final
-        has run (a batch with a final in it is never preempted, so what joins it delays the final)."""
+        has run (a batch with a final in it is never preempted, so what joins it delays the final).
+        With no final queued: what a final arriving now could wait and still be on time after
+        running, with half its deadline to spare for the finals of other streams arriving with it."""
         if self.overloaded:
             return 0.0
         if not finals:
-            return math.inf
-        return min(r.deadline for r in finals) - now - len(finals) * self._cost["final"]
+            return self.final_deadline_s / 2 - self._cost["final"]
+        return min(r.deadline for r in finals) - now - len(finals) * self._cost["final"] / self.lanes
 
     def _fits(self, spare: float, kind: str) -> int:
         """How many requests of ``kind`` fit in ``spare`` seconds at their measured cost."""
@@ -357,12 +427,12 @@ class EngineWorker:
                         now - self._overloaded_since, self._episode_worst)
             self._overloaded_since = None
 
-    def _run(self, batch: list[_Request]) -> None:
+    def _run(self, batch: list[_Request], engine: Engine) -> None:
         runnable = [r for r in batch if self._targets_ok(r)]
         if not runnable:
             return
         try:
-            results = self._transcribe(runnable)
+            results = self._transcribe(runnable, engine)
         except DecodeInterrupted:
             with self._stats_lock:
                 self._stats.preempted += len(runnable)
@@ -375,7 +445,7 @@ class EngineWorker:
                 return
             log.warning("batch of %d requests failed (%s); retrying them one by one", len(runnable), error)
             for request in runnable:
-                self._run([request])
+                self._run([request], engine)
             return
         with self._stats_lock:
             self._stats.requests += len(runnable)
@@ -392,7 +462,7 @@ class EngineWorker:
             return False
         return True
 
-    def _transcribe(self, batch: list[_Request]) -> list[list[Hypothesis]]:
+    def _transcribe(self, batch: list[_Request], engine: Engine) -> list[list[Hypothesis]]:
         started = time.perf_counter()
         begun = time.monotonic()
         only_partials = all(r.kind == "partial" for r in batch)
@@ -409,10 +479,10 @@ class EngineWorker:
                 rows += [(n, target) for target in request.targets]
                 drafts += request.drafts or [None] * len(request.targets)
                 timed += [request.word_timings] * len(request.targets)
-            hypotheses = run_rows(self.engine, [batch[i].audio for i in members], rows, window=window,
+            hypotheses = run_rows(engine, [batch[i].audio for i in members], rows, window=window,
                                   max_new_tokens=self.max_new_tokens, should_stop=should_stop, drafts=drafts,
                                   word_timings=timed)
-            stats = self.engine.last_stats
+            stats = engine.last_stats
             rows_total += len(rows)
             step_rows = max(step_rows, max(stats.batch_sizes, default=0))
             forwards += stats.steps
@@ -441,7 +511,7 @@ class EngineWorker:
         letting the batch finish would make that final late. While the cost of a partial is not
         known yet, any waiting final stops it (an aborted partial wastes its encoder pass, so
         partials that fit before the deadline are let through)."""
-        if self._finals_pending == 0:
+        if self._finals_pending == 0 or self._idle_lanes:  # an idle lane takes the final at once
             return False
         if self._cost["partial"] == 0:
             return True
@@ -451,7 +521,7 @@ class EngineWorker:
             finals = [r for r in self._pending if r.kind == "final"]
         if not finals:
             return False
-        finish = time.monotonic() + remaining + len(finals) * self._cost["final"]
+        finish = time.monotonic() + remaining + len(finals) * self._cost["final"] / self.lanes
         return finish > min(r.deadline for r in finals)
 
     def _learn_cost(self, batch: list[_Request], seconds: float) -> None:
