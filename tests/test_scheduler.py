@@ -314,7 +314,7 @@ async def test_with_two_lanes_a_final_takes_the_idle_lane_instead_of_preempting_
     assert engine.ran.index("start 3") < engine.ran.index("2")  # the final started while the partial ran
 
 
-async def test_cpu_lanes_run_each_final_alone_in_deadline_order():
+async def test_cpu_lanes_split_the_queued_finals_and_take_no_partials_beside_them():
     engine = LaneEngine(cost=0.05)
     worker = EngineWorker(engine, max_batch_utterances=16, batch_window_ms=0, lanes=2)
     futures = [worker.submit(audio(i), T, "final") for i in range(6)]
@@ -322,8 +322,44 @@ async def test_cpu_lanes_run_each_final_alone_in_deadline_order():
     worker.start()
     try:
         await asyncio.gather(*futures)
+        one = await worker.transcribe(audio(7), T, "final")  # a final queued alone runs alone
     finally:
         worker.stop()
-    assert all(len(b) == 1 for b in engine.batches)
-    started = [b[0] for b in engine.batches]  # in the order the lanes took them
-    assert started[:6] == [str(i) for i in range(6)] and started[6] == "9"  # by deadline, the partial last
+    finals = [b for b in engine.batches[:-1] if b != ["9"]]
+    assert sorted(len(b) for b in finals) == [1, 2, 3]  # 6 queued: 3 for one lane, 2 of the rest for the other, 1
+    assert [r for b in finals for r in b] == [str(i) for i in range(6)]  # by deadline
+    assert ["9"] in engine.batches and engine.batches[-1] == ["7"] and one[0].text == "7"
+
+
+async def test_file_work_that_waited_a_deadline_goes_before_partials():
+    # Partials keep coming (a live stream re-submits as soon as one is answered); file work must not starve.
+    engine = FakeEngine(cost=0.05)
+    worker = EngineWorker(engine, max_batch_utterances=1, batch_window_ms=0, final_deadline_ms=200)
+    worker.start()
+    try:
+        job = worker.submit(audio(1), T, "file")
+        for i in range(12):  # 12 partials one after another, about 0.6 s of work
+            await worker.transcribe(audio(10 + i % 2), T, "partial", key="live")
+            if job.done():
+                break
+        assert job.done() and (await job)[0].text == "1"
+    finally:
+        worker.stop()
+    assert engine.ran.index("1") <= 5  # after about one deadline (0.2 s) of partials, not after all of them
+
+
+async def test_when_both_lanes_run_partials_one_of_them_yields_to_a_final():
+    engine = LaneEngine(cost=0.4)
+    worker = EngineWorker(engine, max_batch_utterances=16, batch_window_ms=0, final_deadline_ms=300, lanes=2)
+    worker.start()
+    try:
+        await worker.transcribe(audio(0), T, "final")  # the costs: 0.4 s each, more than the deadline allows
+        await worker.transcribe(audio(1), T, "partial", key="warm")
+        partials = [worker.submit(audio(2 + i), T, "partial", key=i) for i in range(2)]
+        await asyncio.sleep(0.1)  # one partial decoding on each lane
+        final = worker.submit(audio(5), T, "final")
+        results = await asyncio.gather(*partials, final)
+    finally:
+        worker.stop()
+    assert worker.stats.preempted == 1  # one lane made room; the other partial finished
+    assert sum(r is None for r in results[:2]) == 1 and results[2] is not None

@@ -282,6 +282,22 @@ async def test_a_final_preempts_a_running_partial_batch(audios):
     assert worker.stats.preempted == 0
 
 
+def test_an_int8_replica_shares_the_packed_weights(engine):
+    import torch
+
+    from streamsed.engine.loading import _int8_engine
+    from tests.tiny_models import noise_audio
+
+    int8 = _int8_engine(*tiny_whisper(), name="tiny-int8", window_margin_s=5.0)
+    twin = int8.replica()
+    packed = [(a, b) for a, b in zip(int8.model.modules(), twin.model.modules())
+              if hasattr(a, "_packed_params") and not isinstance(a._packed_params, torch.nn.Module)]
+    assert packed and all(a is not b and a._packed_params is b._packed_params for a, b in packed)
+    audio = noise_audio(1.0, seed=3)
+    assert tokens(twin.transcribe([audio], TARGETS, max_new_tokens=SHORT)[0]) == \
+        tokens(int8.transcribe([audio], TARGETS, max_new_tokens=SHORT)[0])
+
+
 def test_a_replica_shares_the_weights_but_not_the_modules(engine):
     twin = engine.replica()
     assert twin.model is not engine.model and twin.model.config is not engine.model.config
@@ -321,7 +337,7 @@ async def test_two_lanes_give_the_hypotheses_of_one_and_use_both_threads(engine,
     for audio, hypotheses in zip(audios + audios, results):
         (single,) = engine.transcribe([audio], TARGETS, max_new_tokens=SHORT)
         assert tokens(hypotheses) == tokens(single)
-    assert worker.stats.requests == 8 and worker.stats.encoder_batches[1] >= 4  # CPU lanes: finals one at a time
+    assert worker.stats.requests == 8
     assert torch.get_num_threads() == threads_before  # the lanes gave the process its thread count back
 
 

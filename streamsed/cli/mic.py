@@ -314,9 +314,10 @@ class LocalBackend:
         self.engine = await asyncio.to_thread(load_engine, model.name, model.device, model.dtype, model.window_margin_s,
                                           model.cuda_graphs)
         resolve_targets(self.engine, self.settings.source_lang, self.settings.targets)  # UnsupportedTarget
-        self.worker = EngineWorker(self.engine, model.max_batch_utterances, final_window=model.final_window,
-                                   partial_window=model.partial_window, final_deadline_ms=model.final_deadline_ms,
-                                   lanes=model.lanes)
+        self.worker = await asyncio.to_thread(  # off the loop: lanes copy the model's modules
+            lambda: EngineWorker(self.engine, model.max_batch_utterances, final_window=model.final_window,
+                                 partial_window=model.partial_window, final_deadline_ms=model.final_deadline_ms,
+                                 lanes=model.lanes))
         self.worker.start()
 
     async def open(self, opened: Opened) -> None:

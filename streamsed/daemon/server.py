@@ -166,10 +166,14 @@ class Daemon:
             from ..engine.worker import EngineWorker
 
             model = self.config.model
-            self.worker = EngineWorker(self.engine, model.max_batch_utterances, final_window=model.final_window,
-                                       partial_window=model.partial_window, final_deadline_ms=model.final_deadline_ms,
-                                       lanes=model.lanes)
-            self.worker.start()
+            worker = await asyncio.to_thread(  # off the loop: lanes copy the model's modules
+                lambda: EngineWorker(self.engine, model.max_batch_utterances, final_window=model.final_window,
+                                     partial_window=model.partial_window, final_deadline_ms=model.final_deadline_ms,
+                                     lanes=model.lanes))
+            if self._stopping:
+                return
+            self.worker = worker
+            worker.start()
         except Exception as error:
             self.load_error = error
             log.debug("model failed to load: %s", error)  # wait_ready() and run() raise it; /readyz shows it

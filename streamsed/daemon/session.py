@@ -119,7 +119,7 @@ class StreamSession:
         self._agreements: dict[int, dict[Target, LocalAgreement]] = {}  # segment -> one per target
         # segment -> requested target -> tokens of its latest hypothesis: the draft of the next request
         self._drafts: dict[int, dict[Target, list[int]]] = {}
-        self._shown: dict[int, float] = {}  # segment -> when it last showed a partial (orders partial work)
+        self._shown: dict[int, float] = {}  # segment -> when its last partial came back (orders partial work)
         self._last_final_segment = -1  # segments up to this one have had their finals emitted
         self._final_chain: asyncio.Task | None = None  # the newest final; it awaits the ones before
         self._finals_in_flight = 0
@@ -214,6 +214,7 @@ class StreamSession:
             return
         if hypotheses is None or segment <= self._last_final_segment:
             return  # superseded, or the final is out already and must stay the last word
+        self._shown[segment] = time.monotonic()  # shown or dropped: this segment had its turn
         drafts = self._drafts.setdefault(segment, {})
         for target, hypothesis in zip(targets, hypotheses):
             drafts[target] = hypothesis.tokens
@@ -223,7 +224,6 @@ class StreamSession:
                 continue  # noise so far, or a loop: show nothing (the final decides for good)
             agreement = agreements.setdefault(hypothesis.target, LocalAgreement())
             stable, unstable = agreement.update(hypothesis.text)
-            self._shown[segment] = time.monotonic()
             self._emit({"type": "partial", "stream": self.stream, "segment": segment,
                         "target_lang": hypothesis.target.target_lang, "stable": stable,
                         "unstable": unstable, "start": _seconds(start)})

@@ -152,8 +152,11 @@ class Engine:
         """
         if self.static_decoder is not None:
             raise ValueError("an engine decoding on a static cache (CUDA graphs) has no replicas")
-        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
-        model = copy.deepcopy(self.model, memo={id(tensor): tensor for tensor in tensors})
+        shared = list(itertools.chain(self.model.parameters(), self.model.buffers()))
+        # int8 Linear layers keep their weights in packed-params objects, read-only at inference.
+        shared += [m._packed_params for m in self.model.modules()
+                   if hasattr(m, "_packed_params") and not isinstance(m._packed_params, torch.nn.Module)]
+        model = copy.deepcopy(self.model, memo={id(obj): obj for obj in shared})
         twin = Engine(model, self.feature_extractor, copy.deepcopy(self.tokenizer), name=self.name,
                       device=self.device, dtype=self.dtype, window_margin_s=self.window_margin_s)
         twin.quantized = self.quantized

@@ -11,7 +11,7 @@ queue. The worker thread is a small deadline scheduler:
    queued would take the engine past their deadline (measured cost per final, kept as a moving
    average). With no final queued, a batch of partials is kept short enough that a final arriving
    just after it starts still meets its deadline (an encoder pass cannot be interrupted). Partials
-   of segments that have shown nothing yet go first, then the stream whose captions are stalest.
+   of segments that had no partial yet go first, then the one whose last partial is oldest.
    A partial that is not taken stays queued and is superseded by its stream's next one.
    **File jobs** (``kind="file"``: segments of an uploaded file, the HTTP API) come last, in the
    spare capacity partials leave, and are never superseded: a long file advances between live
@@ -126,7 +126,7 @@ class _Request:
     future: asyncio.Future
     drafts: list[list[int] | None] | None = None  # one per target
     word_timings: bool = False
-    shown: float | None = None  # partials: when their segment last showed a partial (None: never)
+    shown: float | None = None  # partials: when their segment's last partial came back (None: never)
     submitted: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")  # finals only
 
@@ -139,7 +139,7 @@ def auto_lanes(engine) -> int:
 
 
 def _staleness(request: _Request) -> tuple[bool, float]:
-    """Sort key of waiting partials: segments that showed nothing yet first (oldest request first),
+    """Sort key of waiting partials: segments that had no partial yet first (oldest request first),
     then the one whose last partial is oldest."""
     return (request.shown is not None, request.submitted if request.shown is None else request.shown)
 
@@ -194,6 +194,8 @@ class EngineWorker:
         self._pending: list[_Request] = []
         self._finals_pending = 0  # read without the lock by the decode loop's should_stop
         self._idle_lanes = 0  # lanes waiting for work: a final then needs no partial to yield
+        self._yielding = 0  # lanes that stopped a partial batch for a waiting final and have not taken it yet
+        self._lane = threading.local()  # per lane thread: .yielded
         self._condition = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -256,7 +258,7 @@ class EngineWorker:
         target, each may be None) are guesses at the tokens, e.g. the stream's previous partial:
         they save decoder steps and never change the result. ``word_timings`` (default: finals
         only) adds ``words`` to the hypotheses. ``shown`` (partials): the ``time.monotonic()`` when
-        the segment last showed a partial, None if it has shown none; it orders waiting partials.
+        the segment's last partial came back, None if none has; it orders waiting partials.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -323,7 +325,9 @@ class EngineWorker:
     def _serve(self, engine: Engine) -> None:
         if self._threads_per_lane is None:
             return self._serve_batches(engine)
-        torch.set_num_threads(self._threads_per_lane)  # this thread's team (OpenMP settings are per thread)
+        # With torch's OpenMP backend (the Linux wheels) this sizes this thread's own team; it also
+        # becomes the default of threads that start using torch meanwhile (the VAD thread: 1 is right).
+        torch.set_num_threads(self._threads_per_lane)
         try:
             self._serve_batches(engine)
         finally:  # torch also keeps the count as the default of new threads: give the process its own back
@@ -358,6 +362,9 @@ class EngineWorker:
         if self.batch_window_s:
             time.sleep(self.batch_window_s)  # let requests submitted together arrive together
         with self._condition:
+            if getattr(self._lane, "yielded", False):
+                self._lane.yielded = False
+                self._yielding -= 1
             return self._take_batch()
 
     def _take_batch(self) -> list[_Request]:
@@ -372,7 +379,10 @@ class EngineWorker:
         batch = finals[: min(self.max_batch_utterances, math.ceil(len(finals) / self.lanes))]
         self._track_overload(now, finals)
         spare = self._spare_seconds(now, finals) if self.lanes == 1 or not batch else 0.0
-        for kind in ("partial", "file"):
+        kinds = ("partial", "file")
+        if any(r.kind == "file" and now - r.submitted > self.final_deadline_s for r in live):
+            kinds = ("file", "partial")  # file work that waited a whole deadline goes before partials: it never starves
+        for kind in kinds:
             waiting = [r for r in live if r.kind == kind]
             if kind == "partial":
                 waiting.sort(key=_staleness)
@@ -428,12 +438,13 @@ class EngineWorker:
             self._overloaded_since = None
 
     def _run(self, batch: list[_Request], engine: Engine) -> None:
-        runnable = [r for r in batch if self._targets_ok(r)]
+        runnable = [r for r in batch if self._targets_ok(r, engine)]
         if not runnable:
             return
         try:
             results = self._transcribe(runnable, engine)
         except DecodeInterrupted:
+            self._lane.yielded = True  # counted back when this lane takes its next batch (the final)
             with self._stats_lock:
                 self._stats.preempted += len(runnable)
             for request in runnable:
@@ -452,11 +463,11 @@ class EngineWorker:
         for request, hypotheses in zip(runnable, results):
             self._resolve(request, hypotheses)
 
-    def _targets_ok(self, request: _Request) -> bool:
+    def _targets_ok(self, request: _Request, engine: Engine) -> bool:
         """Reject a request with a target the model cannot produce before it can spoil the batch."""
         try:
             for target in request.targets:
-                self.engine.check_target(target)
+                engine.check_target(target)  # the lane's own engine: checks may tokenize a prompt
         except Exception as error:
             self._fail(request, error)
             return False
@@ -513,16 +524,16 @@ class EngineWorker:
         partials that fit before the deadline are let through)."""
         if self._finals_pending == 0 or self._idle_lanes:  # an idle lane takes the final at once
             return False
-        if self._cost["partial"] == 0:
-            return True
-        now = time.perf_counter()
-        remaining = max(self._cost["partial"] * size - (now - started), 0.0)
+        remaining = max(self._cost["partial"] * size - (time.perf_counter() - started), 0.0)
         with self._condition:
             finals = [r for r in self._pending if r.kind == "final"]
-        if not finals:
-            return False
-        finish = time.monotonic() + remaining + len(finals) * self._cost["final"] / self.lanes
-        return finish > min(r.deadline for r in finals)
+            if not finals or self._yielding >= len(finals):  # other lanes already make room for them
+                return False
+            finish = time.monotonic() + remaining + len(finals) * self._cost["final"] / self.lanes
+            if self._cost["partial"] and finish <= min(r.deadline for r in finals):
+                return False
+            self._yielding += 1  # this lane raises DecodeInterrupted now and takes the final next
+            return True
 
     def _learn_cost(self, batch: list[_Request], seconds: float) -> None:
         """Moving average of engine seconds per request, split between the kinds of the batch."""
