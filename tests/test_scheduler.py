@@ -280,7 +280,7 @@ class LaneEngine(FakeEngine):
 
     def encode(self, audios, window="exact"):
         encoded = super().encode(audios, window)
-        self.mine = self.batches[-1]  # this lane's batch: the other lane may have appended since
+        self.mine = [str(int(a[0])) for a in audios]  # not batches[-1]: the other lane may have appended since
         self.ran.append("start " + self.mine[0])
         return encoded
 
