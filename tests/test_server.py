@@ -300,8 +300,17 @@ async def test_one_ingest_per_stream_id(daemon):
         async with connect(f"{daemon.url}/v1/stream") as second:
             await second.send(json.dumps({"type": "start", "stream": "dup"}))
             await expect_fatal(second, "stream_in_use")
-    async with connect(f"{daemon.url}/v1/stream") as third:  # released when the first one closed
-        await start(third, stream="dup")
+    # Released once the server has finished the first session (its open utterance is finalized
+    # after the client's close handshake, so a reconnect right away may still find it in use).
+    for _ in range(50):
+        async with connect(f"{daemon.url}/v1/stream") as third:
+            await third.send(json.dumps({"type": "start", "stream": "dup"}))
+            reply = await receive(third)
+            if reply["type"] == "ready":
+                break
+            assert reply["code"] == "stream_in_use"
+        await asyncio.sleep(0.1)
+    assert reply["type"] == "ready", reply
 
 
 async def test_too_many_sessions_is_refused_at_once(engine):
