@@ -15,7 +15,7 @@ from streamsed.bench import decode as bench
 from streamsed.cli import main
 
 CONTENDERS = ("engine", "engine_drafts", "generate", "ct2_float32", "ct2_int8", "final_generate", "final_engine",
-              "final_drafts")
+              "final_drafts", "final_int8_drafts")
 
 
 def test_generated_strips_echoed_prompt_and_stops_at_eos():
@@ -82,6 +82,8 @@ def test_bench_decode_end_to_end(tmp_path, capsys):
     one, one_drafted = data["contenders"]["final_generate"], data["contenders"]["final_drafts"]
     assert one_drafted["texts"] == one["texts"] and one["window"] == "fast"  # finals on the daemon's default window
     assert one_drafted["draft_stats"]["draft_accepted"] > 0
+    int8_drafted = data["contenders"]["final_int8_drafts"]  # the daemon's CPU default: the same tokens
+    assert int8_drafted["texts"] == one["texts"] and int8_drafted["draft_stats"]["draft_accepted"] > 0
     assert "good morning" in engine["texts"][0].lower()
     assert data["contenders"]["ct2_float32"]["intra_threads"] >= 1
 

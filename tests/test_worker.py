@@ -308,6 +308,85 @@ def test_a_replica_shares_the_weights_but_not_the_modules(engine):
     assert engine.model.config._attn_implementation != "eager"
 
 
+async def finals_then_partials(worker, audios):
+    """Queue a final and then a partial of every audio before the worker starts; their hypotheses."""
+    futures = [worker.submit(audio, TARGETS) for audio in audios]
+    futures += [worker.submit(audio, TARGETS, "partial", key=i) for i, audio in enumerate(audios)]
+    worker.start()
+    try:
+        return await asyncio.gather(*futures)
+    finally:
+        worker.stop()
+
+
+def scored(hypotheses):
+    return [(h.target, h.tokens, h.avg_logprob) for h in hypotheses]
+
+
+def test_an_int8_twin_quantizes_the_linear_layers_and_shares_the_rest(engine):
+    import torch
+
+    from streamsed.engine.loading import _int8_engine
+
+    audio = noise_audio(1.5, seed=5)
+    before = scored(engine.transcribe([audio], TARGETS, max_new_tokens=SHORT)[0])
+    twin = engine.int8_twin()
+    assert twin.quantized == "int8" and twin.model is not engine.model
+    ours = dict(engine.model.named_parameters())
+    theirs = dict(twin.model.named_parameters())
+    assert theirs and all(ours[name].data_ptr() == tensor.data_ptr() for name, tensor in theirs.items())
+    linear = [name for name, m in engine.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    twin_modules = dict(twin.model.named_modules())
+    assert linear and all(not isinstance(twin_modules[name], torch.nn.Linear) for name in linear)
+    assert all(isinstance(m, torch.nn.Linear) for name, m in engine.model.named_modules() if name in linear)
+    # The float engine is untouched, and the twin is what loading the model as int8 gives.
+    assert scored(engine.transcribe([audio], TARGETS, max_new_tokens=SHORT)[0]) == before
+    int8 = _int8_engine(*tiny_whisper(), name="tiny-int8", window_margin_s=5.0)
+    assert scored(twin.transcribe([audio], TARGETS, max_new_tokens=SHORT)[0]) == \
+        scored(int8.transcribe([audio], TARGETS, max_new_tokens=SHORT)[0])
+    with pytest.raises(ValueError, match="already int8"):
+        twin.int8_twin()
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+async def test_int8_partials_run_on_the_twin_and_finals_on_the_model(engine, audios, lanes):
+    # One request per batch, so each result is bitwise that of transcribing its audio alone (int8
+    # quantizes activations per batch, and float32 batches round differently in the last bits).
+    worker = EngineWorker(engine, 1, max_new_tokens=SHORT, lanes=lanes, partial_dtype="int8")
+    assert worker.partial_dtype == "int8"
+    results = await finals_then_partials(worker, audios)
+    twin = engine.int8_twin()
+    finals, partials = results[: len(audios)], results[len(audios):]
+    gaps = []
+    for audio, final, partial in zip(audios, finals, partials):
+        float32 = engine.transcribe([audio], TARGETS, max_new_tokens=SHORT)[0]
+        int8 = twin.transcribe([audio], TARGETS, max_new_tokens=SHORT)[0]
+        assert tokens(final) == tokens(float32) and tokens(partial) == tokens(int8)
+        # A lane's one torch thread rounds a little differently from this thread's team.
+        assert [h.avg_logprob for h in final] == pytest.approx([h.avg_logprob for h in float32], rel=1e-5)
+        assert [h.avg_logprob for h in partial] == pytest.approx([h.avg_logprob for h in int8], rel=1e-5)
+        gaps += [abs(a.avg_logprob - b.avg_logprob) for a, b in zip(float32, int8)]
+    assert max(gaps) > 1e-3  # not vacuous: int8 scores are far from float32 ones on these inputs
+
+
+def test_partial_dtype_auto_is_int8_for_float32_on_the_cpu_only(engine):
+    from streamsed.engine.loading import _int8_engine
+    from streamsed.engine.worker import resolve_partial_dtype
+
+    assert resolve_partial_dtype(engine, "auto") == "int8"
+    assert resolve_partial_dtype(engine, "same") == "same"
+    assert resolve_partial_dtype(engine, "int8") == "int8"
+    int8 = _int8_engine(*tiny_whisper(), name="tiny-int8", window_margin_s=5.0)
+    assert resolve_partial_dtype(int8, "auto") == resolve_partial_dtype(int8, "int8") == "same"
+    half = engine_from_model(*tiny_whisper(), device="cpu", dtype="bfloat16")
+    assert resolve_partial_dtype(half, "auto") == "same"
+    with pytest.raises(ValueError, match="float32 model on the CPU"):
+        resolve_partial_dtype(half, "int8")
+    with pytest.raises(ValueError, match="partial_dtype must be"):
+        EngineWorker(engine, partial_dtype="int4")
+    assert EngineWorker(engine).partial_dtype == "same"  # the worker's own default; the daemon passes auto
+
+
 async def test_two_lanes_give_the_hypotheses_of_one_and_use_both_threads(engine, audios, monkeypatch):
     import threading
 
@@ -316,7 +395,7 @@ async def test_two_lanes_give_the_hypotheses_of_one_and_use_both_threads(engine,
     threads_before = torch.get_num_threads()
     worker = EngineWorker(engine, max_new_tokens=SHORT, lanes=2)
     seen = set()
-    for lane in worker._engines:  # record which thread ran each encoder pass
+    for lane, _ in worker._engines:  # record which thread ran each encoder pass (partials: same engine)
         original = lane.encode
 
         def encode(audios, window="exact", original=original):
@@ -325,13 +404,7 @@ async def test_two_lanes_give_the_hypotheses_of_one_and_use_both_threads(engine,
             return original(audios, window)
 
         monkeypatch.setattr(lane, "encode", encode)
-    futures = [worker.submit(audio, TARGETS) for audio in audios]
-    futures += [worker.submit(audio, TARGETS, "partial", key=i) for i, audio in enumerate(audios)]
-    worker.start()
-    try:
-        results = await asyncio.gather(*futures)
-    finally:
-        worker.stop()
+    results = await finals_then_partials(worker, audios)
     assert seen == {"streamsed-engine-0", "streamsed-engine-1"}
     monkeypatch.undo()
     for audio, hypotheses in zip(audios + audios, results):

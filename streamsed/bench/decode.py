@@ -276,6 +276,8 @@ def run_contenders(engine, audio_batches: list, target, ct2_dir: Path | None, re
     """Time every encoder, then every decoder on its encoder's output; both phases round-robin."""
     import torch
 
+    from ..engine.worker import resolve_partial_dtype
+
     sync = (lambda: torch.cuda.synchronize(engine.device)) if engine.device.type == "cuda" else (lambda: None)
     ct2_models = {ct: load_ct2(ct2_dir, ct, engine) for ct in CT2_COMPUTE_TYPES} if ct2_dir else {}
     prompt = engine.family.prompt(target)
@@ -291,6 +293,9 @@ def run_contenders(engine, audio_batches: list, target, ct2_dir: Path | None, re
     singles = [[a] for batch in audio_batches for a in batch]
     single_encoded = [engine.encode(b, "auto") for b in singles]
     single_drafts = partial_drafts(engine, singles, target)
+    # The daemon's default on a CPU (partial_dtype auto): partials, hence drafts, from the int8 twin.
+    twin = engine.int8_twin() if resolve_partial_dtype(engine, "auto") == "int8" else None
+    int8_drafts = partial_drafts(twin, singles, target) if twin is not None else None
     decoders = {
         "engine": lambda: engine_decode(engine, enc["torch"].result, target),
         "engine_drafts": lambda: engine_draft_decode(engine, enc["torch"].result, target, drafts),
@@ -299,6 +304,8 @@ def run_contenders(engine, audio_batches: list, target, ct2_dir: Path | None, re
         "final_engine": lambda: engine_decode(engine, single_encoded, target),
         "final_drafts": lambda: engine_draft_decode(engine, single_encoded, target, single_drafts),
     }
+    if int8_drafts is not None:
+        decoders["final_int8_drafts"] = lambda: engine_draft_decode(engine, single_encoded, target, int8_drafts)
     for ct, model in ct2_models.items():
         decoders[f"ct2_{ct}"] = lambda key=f"ct2_{ct}", model=model: ct2_decode(model, enc[key].result, prompt)
     dec = time_interleaved(decoders, repeat, sync)
@@ -320,6 +327,10 @@ def run_contenders(engine, audio_batches: list, target, ct2_dir: Path | None, re
         "final_drafts": (f"finals one by one ({window} window): engine, last partial as draft", enc["torch"],
                          final_draft_tokens, {"draft_stats": final_draft_stats, "window": window}),
     }
+    if int8_drafts is not None:
+        tokens_8, stats_8 = dec["final_int8_drafts"].result
+        finals["final_int8_drafts"] = (f"finals one by one ({window} window): engine, last int8 partial as draft",
+                                       enc["torch"], tokens_8, {"draft_stats": stats_8, "window": window})
     outputs = {
         "engine": ("streamsed engine", enc["torch"], engine_tokens, {"decode_stats": stats}),
         "engine_drafts": ("streamsed engine, last partial as draft", enc["torch"], draft_tokens,
@@ -476,6 +487,14 @@ def report(info, audio_info, repeat, contenders: dict[str, Contender]) -> str:
         f"accepted, {fs['steps']} decoder forwards; engine without drafts "
         f"{contenders['final_engine'].decode_seconds / one.decode_seconds:.2f}x)"
     )
+    if "final_int8_drafts" in contenders:
+        int8_one = contenders["final_int8_drafts"]
+        fs = int8_one.extra["draft_stats"]
+        lines.append(
+            f"the same with the daemon's CPU default, partials (drafts) from the int8 twin: "
+            f"{int8_one.decode_seconds / one.decode_seconds:.2f}x ({fs['draft_accepted']} of {fs['draft_offered']} "
+            f"draft tokens accepted, {fs['steps']} decoder forwards)"
+        )
     ct2 = [c for key, c in contenders.items() if key.startswith("ct2_")]
     if ct2:
         lines.append(

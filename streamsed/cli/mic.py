@@ -317,7 +317,7 @@ class LocalBackend:
         self.worker = await asyncio.to_thread(  # off the loop: lanes copy the model's modules
             lambda: EngineWorker(self.engine, model.max_batch_utterances, final_window=model.final_window,
                                  partial_window=model.partial_window, final_deadline_ms=model.final_deadline_ms,
-                                 lanes=model.lanes))
+                                 lanes=model.lanes, partial_dtype=model.partial_dtype))
         self.worker.start()
 
     async def open(self, opened: Opened) -> None:

@@ -58,6 +58,7 @@ class ModelConfig:
     lanes: int = 0  # engine threads running batches in parallel; 0 = auto (2 on a multi-core CPU, 1 on CUDA)
     final_window: str = "auto"  # exact | fast | auto (fast on CPU, exact on CUDA)
     partial_window: str = "fast"
+    partial_dtype: str = "auto"  # auto | same | int8: what partials run on (auto: int8 for float32 on a CPU)
     window_margin_s: float = 5.0
     final_deadline_ms: float = 2000.0
     cuda_graphs: bool = True  # CUDA + Whisper: static KV cache, decoder step replayed as CUDA graphs
@@ -276,6 +277,7 @@ def _validate(config: Config) -> None:
         (0 <= model.lanes <= 16, "[model] lanes must be between 0 (auto) and 16"),
         (model.final_window in WINDOWS, "[model] final_window must be exact, fast or auto"),
         (model.partial_window in WINDOWS, "[model] partial_window must be exact, fast or auto"),
+        (model.partial_dtype in ("auto", "same", "int8"), "[model] partial_dtype must be auto, same or int8"),
         (0 <= model.window_margin_s <= 30, "[model] window_margin_s must be between 0 and 30"),
         (model.final_deadline_ms > 0, "[model] final_deadline_ms must be positive"),
         (streaming.chunk_ms >= 100, "[streaming] chunk_ms must be at least 100"),

@@ -169,7 +169,7 @@ class Daemon:
             worker = await asyncio.to_thread(  # off the loop: lanes copy the model's modules
                 lambda: EngineWorker(self.engine, model.max_batch_utterances, final_window=model.final_window,
                                      partial_window=model.partial_window, final_deadline_ms=model.final_deadline_ms,
-                                     lanes=model.lanes))
+                                     lanes=model.lanes, partial_dtype=model.partial_dtype))
             if self._stopping:
                 return
             self.worker = worker

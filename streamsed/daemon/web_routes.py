@@ -139,7 +139,7 @@ def engine_status(daemon) -> Response:
     stats = dataclasses.asdict(worker.stats)
     body = {"model": daemon.engine.name, "device": str(daemon.engine.device), "windows": worker.windows,
             "final_deadline_ms": round(worker.final_deadline_s * 1000), "overloaded": worker.overloaded,
-            "lanes": worker.lanes, "cost_s": worker.costs,
+            "lanes": worker.lanes, "partial_dtype": worker.partial_dtype, "cost_s": worker.costs,
             "shed_streams": daemon.shed_streams, "dropped": daemon.hub.dropped,
             "vad": daemon.engine.vad_stats(), "uptime_s": round(time.monotonic() - worker.started_at, 3), **stats}
     return response(HTTPStatus.OK, json.dumps(body) + "\n", "application/json; charset=utf-8")

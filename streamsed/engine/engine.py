@@ -46,7 +46,8 @@ from ..core.languages import Target, UnsupportedTarget
 from .families import Family, family_for
 
 __all__ = ["Engine", "EncodedBatch", "Hypothesis", "Target", "UnsupportedTarget", "DecodeStats", "DecodeInterrupted",
-           "WINDOWS", "run_rows", "compression_ratio"]
+           "WINDOWS", "run_rows", "compression_ratio",
+           "quantize_linears"]
 
 
 GENERATE_DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_length nor max_new_tokens is set
@@ -123,6 +124,18 @@ class DecodeStats:
     draft_accepted: int = 0  # draft tokens the greedy choice confirmed
 
 
+def quantize_linears(model):
+    """Replace every nn.Linear of ``model`` (in place) by torch.ao's dynamically quantized int8 Linear:
+    int8 weights, activations quantized per batch; CPU only. Returns the model."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch marks its quantized tensor API as deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
 class Engine:
     """Owns one model on one device. Not thread-safe: one worker thread drives it (a second
     thread gets its own ``replica()``)."""
@@ -160,6 +173,23 @@ class Engine:
         twin = Engine(model, self.feature_extractor, copy.deepcopy(self.tokenizer), name=self.name,
                       device=self.device, dtype=self.dtype, window_margin_s=self.window_margin_s)
         twin.quantized = self.quantized
+        return twin
+
+    def int8_twin(self) -> Engine:
+        """This model with every nn.Linear dynamically quantized to int8 (CPU), for work where speed
+        counts more than the last WER point: partials, which the final replaces anyway.
+
+        Everything that is not a Linear layer (embeddings, convolutions, norms) stays this engine's
+        own float32 tensors, shared, so the twin costs only its int8 weights. Its output differs
+        from this engine's (README "CPU int8" has the measured WER)."""
+        if self.device.type != "cpu" or self.dtype != torch.float32 or self.quantized:
+            raise ValueError(f"an int8 twin needs a float32 engine on the CPU, not {self.dtype} on {self.device}"
+                             + (" (already int8)" if self.quantized else ""))
+        shared = itertools.chain(self.model.parameters(), self.model.buffers())
+        model = quantize_linears(copy.deepcopy(self.model, memo={id(tensor): tensor for tensor in shared}))
+        twin = Engine(model, self.feature_extractor, copy.deepcopy(self.tokenizer), name=self.name,
+                      device=self.device, dtype=self.dtype, window_margin_s=self.window_margin_s)
+        twin.quantized = "int8"
         return twin
 
     # -- facts the pipeline needs -------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .default_model import DEFAULT_MODEL
-from .engine import DEFAULT_WINDOW_MARGIN_S, Engine
+from .engine import DEFAULT_WINDOW_MARGIN_S, Engine, quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +109,7 @@ def engine_from_model(model, feature_extractor, tokenizer, *, name: str = "custo
 def _int8_engine(model, feature_extractor, tokenizer, name: str, window_margin_s: float) -> Engine:
     """Every nn.Linear dynamically quantized (int8 weights, activations quantized per batch); the
     rest, convolutions and embeddings included, stays float32. Output differs from float32."""
-    import warnings
-
-    from torch.ao.quantization import quantize_dynamic
-
-    model = model.to(device="cpu", dtype=torch.float32).eval()
-    with warnings.catch_warnings():  # torch marks its quantized tensor API as deprecated
-        warnings.simplefilter("ignore", UserWarning)
-        model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    model = quantize_linears(model.to(device="cpu", dtype=torch.float32))
     engine = Engine(model, feature_extractor, tokenizer, name=name, device=torch.device("cpu"), dtype=torch.float32,
                     window_margin_s=window_margin_s)
     engine.quantized = "int8"

@@ -35,6 +35,12 @@ single-threaded lanes get more done, and two finals that arrive together both st
 fast. A CPU lane takes its share of the queued finals (usually one, alone) and no partials beside
 them: the other lane takes those.
 
+**int8 partials.** With ``partial_dtype`` auto (the daemon's default) a float32 model on the CPU
+decodes partials on its ``Engine.int8_twin()``: the Linear layers dynamically quantized, all other
+weights shared. A partial then costs less than half as much, so more of them fit beside the
+finals; finals and files still run on the model as loaded, and a draft from an int8 partial only
+decides how many decoder steps the final saves, never its tokens.
+
 **Overload.** When finals fall behind their deadline the worker is ``overloaded`` (partials pause
 as above; the server refuses new ingest sessions with ``overloaded``). The episode is logged once
 when it starts and once when the backlog is gone, with its length and worst final wait.
@@ -67,7 +73,8 @@ from .engine import DecodeInterrupted, Engine, Hypothesis, run_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineWorker", "WorkerStats", "KINDS", "DEFAULT_FINAL_DEADLINE_MS", "auto_lanes"]
+__all__ = ["EngineWorker", "WorkerStats", "KINDS", "DEFAULT_FINAL_DEADLINE_MS", "PARTIAL_DTYPES", "auto_lanes",
+           "resolve_partial_dtype"]
 
 KINDS = ("final", "partial", "file")
 DEFAULT_FINAL_DEADLINE_MS = 2000.0
@@ -131,6 +138,27 @@ class _Request:
     deadline: float = float("inf")  # finals only
 
 
+_LaneEngines = tuple[Engine, Engine]  # a lane's engine for finals and files, and for partials
+PARTIAL_DTYPES = ("auto", "same", "int8")
+
+
+def resolve_partial_dtype(engine: Engine, setting: str) -> str:
+    """What partials run on: "same" (the engine itself) or "int8" (its ``int8_twin()``). ``auto``
+    is int8 for a float32 model on the CPU, where it makes partials 2-2.5x cheaper (README
+    "Capacity"); finals always run on the engine as loaded."""
+    if setting not in PARTIAL_DTYPES:
+        raise ValueError(f"partial_dtype must be one of {', '.join(PARTIAL_DTYPES)}, not {setting!r}")
+    if setting == "same":
+        return setting
+    float_cpu = engine.device.type == "cpu" and engine.dtype == torch.float32 and not engine.quantized
+    if setting == "int8" and not float_cpu:
+        if engine.quantized == "int8":
+            return "same"  # already int8
+        raise ValueError(f"partial_dtype int8 needs a float32 model on the CPU (this one is {engine.dtype} "
+                         f"on {engine.device}); use same or auto")
+    return "int8" if setting == "int8" or (setting == "auto" and float_cpu) else "same"
+
+
 def auto_lanes(engine) -> int:
     """Lanes for ``lanes=0`` (auto): one on CUDA or on a single core, else two (see the module docstring)."""
     if getattr(engine, "device", torch.device("cpu")).type != "cpu" or getattr(engine, "static_decoder", None):
@@ -168,6 +196,7 @@ class EngineWorker:
         partial_window: str = "exact",
         final_deadline_ms: float = DEFAULT_FINAL_DEADLINE_MS,
         lanes: int = 1,  # 0: auto_lanes()
+        partial_dtype: str = "same",  # the daemon passes [model] partial_dtype (auto by default)
     ):
         if lanes < 0:
             raise ValueError(f"lanes must be 0 (auto) or more, got {lanes}")
@@ -177,7 +206,13 @@ class EngineWorker:
             raise ValueError(f"final_deadline_ms must be positive, got {final_deadline_ms}")
         self.engine = engine
         self.lanes = lanes or auto_lanes(engine)
-        self._engines = [engine] + [engine.replica() for _ in range(self.lanes - 1)]
+        self.partial_dtype = resolve_partial_dtype(engine, partial_dtype)
+        finals = [engine] + [engine.replica() for _ in range(self.lanes - 1)]
+        partials = finals
+        if self.partial_dtype == "int8":
+            twin = engine.int8_twin()
+            partials = [twin] + [twin.replica() for _ in range(self.lanes - 1)]
+        self._engines = list(zip(finals, partials))  # per lane: (engine of finals and files, of partials)
         # Lanes split the cores; one lane keeps torch's setting (what the user or the machine chose).
         self._torch_threads = torch.get_num_threads()
         self._threads_per_lane = max(1, self._torch_threads // self.lanes) if self.lanes > 1 else None
@@ -228,9 +263,9 @@ class EngineWorker:
                 thread.join()
 
     def _launch(self) -> None:
-        for lane, engine in enumerate(self._engines):
+        for lane, engines in enumerate(self._engines):
             name = "streamsed-engine" if self.lanes == 1 else f"streamsed-engine-{lane}"
-            thread = threading.Thread(target=self._serve, args=(engine,), name=name, daemon=True)
+            thread = threading.Thread(target=self._serve, args=(engines,), name=name, daemon=True)
             self._threads.append(thread)
             thread.start()
 
@@ -322,24 +357,24 @@ class EngineWorker:
                 self._stats.superseded += len(stale)
 
     # -- the worker thread --------------------------------------------------------------------------
-    def _serve(self, engine: Engine) -> None:
+    def _serve(self, engines: _LaneEngines) -> None:
         if self._threads_per_lane is None:
-            return self._serve_batches(engine)
+            return self._serve_batches(engines)
         # With torch's OpenMP backend (the Linux wheels) this sizes this thread's own team; it also
         # becomes the default of threads that start using torch meanwhile (the VAD thread: 1 is right).
         torch.set_num_threads(self._threads_per_lane)
         try:
-            self._serve_batches(engine)
+            self._serve_batches(engines)
         finally:  # torch also keeps the count as the default of new threads: give the process its own back
             torch.set_num_threads(self._torch_threads)
 
-    def _serve_batches(self, engine: Engine) -> None:
+    def _serve_batches(self, engines: _LaneEngines) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
             try:
-                self._run(batch, engine)
+                self._run(batch, engines)
             except Exception as error:  # a bug here must not leave awaiters hanging or kill the thread
                 log.exception("engine worker batch crashed")
                 for request in batch:
@@ -437,12 +472,12 @@ class EngineWorker:
                         now - self._overloaded_since, self._episode_worst)
             self._overloaded_since = None
 
-    def _run(self, batch: list[_Request], engine: Engine) -> None:
-        runnable = [r for r in batch if self._targets_ok(r, engine)]
+    def _run(self, batch: list[_Request], engines: _LaneEngines) -> None:
+        runnable = [r for r in batch if self._targets_ok(r, engines[0])]
         if not runnable:
             return
         try:
-            results = self._transcribe(runnable, engine)
+            results = self._transcribe(runnable, engines)
         except DecodeInterrupted:
             self._lane.yielded = True  # counted back when this lane takes its next batch (the final)
             with self._stats_lock:
@@ -456,7 +491,7 @@ class EngineWorker:
                 return
             log.warning("batch of %d requests failed (%s); retrying them one by one", len(runnable), error)
             for request in runnable:
-                self._run([request], engine)
+                self._run([request], engines)
             return
         with self._stats_lock:
             self._stats.requests += len(runnable)
@@ -473,17 +508,20 @@ class EngineWorker:
             return False
         return True
 
-    def _transcribe(self, batch: list[_Request], engine: Engine) -> list[list[Hypothesis]]:
+    def _transcribe(self, batch: list[_Request], engines: _LaneEngines) -> list[list[Hypothesis]]:
         started = time.perf_counter()
         begun = time.monotonic()
         only_partials = all(r.kind == "partial" for r in batch)
         should_stop = (lambda: self._partials_must_yield(started, len(batch))) if only_partials else None
-        by_window: dict[str, list[int]] = {}
+        groups: dict[tuple[int, str], list[int]] = {}  # one encoder pass per (engine, window)
+        twin = engines[1] is not engines[0]
         for index, request in enumerate(batch):
-            by_window.setdefault(self.windows[request.kind], []).append(index)
+            which = int(twin and request.kind == "partial")
+            groups.setdefault((which, self.windows[request.kind]), []).append(index)
         results: list[list[Hypothesis]] = [[] for _ in batch]
         rows_total = step_rows = forwards = 0
-        for window, members in by_window.items():
+        for (which, window), members in groups.items():
+            engine = engines[which]
             rows, drafts, timed = [], [], []
             for n, index in enumerate(members):
                 request = batch[index]
