@@ -85,7 +85,9 @@ def draft_variants(expected: list[int], vocab: int, eos: int, seed: int) -> dict
     wrong = (expected[half] + 1) % vocab if expected else 3
     return {
         "correct": list(expected),
-        "partly wrong": expected[:half] + [wrong] + expected[half + 1:],
+        "partly wrong": expected[:half] + [wrong] + expected[half + 1:],  # one token misheard
+        "a token missing": expected[:half] + expected[half + 1:],
+        "a token extra": expected[:half] + [wrong] + expected[half:],
         "garbage": garbage[:10],
         "empty": [],
         "over-long": expected + garbage,  # longer than the length limit
@@ -115,6 +117,14 @@ def assert_draft_parity(engine, audios, target, expected):
             # it (Whisper), else per group of rows that accepted equally many tokens.
             groups = 1 if engine.family.positions_and_mask else len(rows)
             assert stats.steps <= 1 + 3 * groups
+    # A row decoding alone realigns the rest of a draft after a wrong token: still the same tokens
+    # (alone = generate() of that input alone, which assert_parity checked; padding can change it).
+    for u, audio in enumerate(audios):
+        alone = engine.encode([audio])
+        (plain,) = engine.decode(alone, [(0, target)], MAX_NEW)
+        for name, draft in draft_variants(plain.tokens, vocab, eos, u).items():
+            (hyp,) = engine.decode(alone, [(0, target)], MAX_NEW, drafts=[draft])
+            assert hyp.tokens == plain.tokens, (u, name)
     # Rows of one batch may each bring another kind of draft.
     names = list(per_row[0])
     mixed = [v[names[i % len(names)]] for i, v in enumerate(per_row)]

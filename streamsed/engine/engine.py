@@ -11,6 +11,8 @@ The output is token-for-token what ``model.generate(num_beams=1, do_sample=False
 same encoder input; ``tests/test_engine_parity.py`` holds the engine to that, with and without
 *drafts*: a guess at a row's tokens (a stream's previous partial) is verified in one decoder forward
 and only the prefix greedy decoding itself confirms is kept, which saves steps and changes nothing.
+A row decoding alone (a CPU lane's final) then realigns the rest of its draft with the token greedy
+chose instead (one misheard, missing or extra word) and verifies that too, in one more forward.
 
 ``encode(window="fast")`` gives Whisper a log-mel window cut to the audio plus ``window_margin_s``
 instead of its 30 s one: not generate()'s input any more, about a quarter of the encoder time, and
@@ -485,12 +487,53 @@ class Engine:
         for accepted, members in sorted(continuing.items()):
             index = torch.tensor([r for r, _ in members], device=self.device)
             group_cache = _select_cache(cache, index, prompt_length + accepted)
+            group_states = states.index_select(0, index)
+            group_mask = mask.index_select(0, index) if mask is not None else None
+            if len(members) == 1 and self.static_decoder is None:  # a lone row: realign the rest of its draft
+                r = members[0][0]
+                if not self._follow_draft(loop, group_states, group_mask, group_cache, prompts[r], results[r],
+                                          drafts[r], max_new, eos_ids):
+                    continue
             sequences = torch.tensor([prompts[r] + results[r].tokens for r, _ in members], device=self.device)
             step_input = sequences[:, -1:]
-            group_mask = mask.index_select(0, index) if mask is not None else None
-            loop.run(states.index_select(0, index), group_mask, sequences, step_input, group_cache,
-                     [r for r, _ in members], results, max_new - accepted - 1)
+            loop.run(group_states, group_mask, sequences, step_input, group_cache,
+                     [r for r, _ in members], results, max_new - len(results[members[0][0]].tokens))
         return results
+
+    def _follow_draft(self, loop, states, mask, cache, prompt, row: _Row, draft, max_new, eos_ids) -> bool:
+        """After greedy decoding rejected a draft token, guess that the rest of the draft still
+        follows (the partial misheard a word, or skipped or added one) and verify that guess in one
+        more forward, for as long as that keeps confirming tokens. Every token is still greedy's own
+        choice, so only the number of forwards changes. ``row`` holds the accepted prefix plus the
+        token chosen instead; ``cache`` everything but that token. Returns whether the row goes on."""
+        position, misses = row.draft_accepted, 0  # draft index of the rejected token
+        while misses < 2 and position < len(draft):
+            choice, room = row.tokens[-1], max_new - len(row.tokens)
+            start = _resume_at(draft, position, choice)
+            guess = draft[start : start + room]
+            if not guess:
+                return True
+            loop.check_stop()
+            inputs = torch.tensor([[choice] + guess], device=self.device)
+            logits = self.family.logits(inputs, states, mask, cache, last=inputs.shape[1]).float()
+            loop.stats.steps += 1
+            loop.stats.batch_sizes.append(1)
+            sequence = prompt + row.tokens
+            got, token, logprob = self._accept(loop.processors, sequence, guess, logits[0], room, eos_ids)
+            cache.crop(got - len(guess))  # keep the choice and the guessed tokens greedy confirmed
+            row.logprob_sum += logprob
+            row.tokens += guess[:got]
+            row.draft_accepted += got
+            loop.stats.draft_accepted += got
+            if token is None:
+                row.finished = got < room
+                return False
+            row.tokens.append(token)
+            if got + 1 >= room:
+                row.finished = False
+                return False
+            position, misses = start + got, (misses + 1 if got == 0 else 0)
+        return True
 
     @staticmethod
     def _accept(processors, prompt, draft, logits, max_new, eos_ids) -> tuple[int, int | None, float]:
@@ -688,6 +731,14 @@ def _batched_scores(processors, sequence, prompt_length: int, logits) -> torch.T
     if len(rest):  # any length other than the begin index: only plain suppression applies
         rest = processors(sequence[:, : prompt_length + 1].expand(len(rest), -1), rest)
     return torch.cat([first, rest])
+
+
+def _resume_at(draft: list[int], position: int, choice: int, reach: int = 3) -> int:
+    """Where the draft goes on after greedy chose ``choice`` instead of ``draft[position]``: after
+    the nearest copy of ``choice`` within ``reach`` tokens (the draft had extra tokens before it, or
+    lacked this one), else after ``position`` (one token misheard)."""
+    nearby = [j for j in range(max(position - reach, 0), min(position + reach + 1, len(draft))) if draft[j] == choice]
+    return min(nearby, key=lambda j: (abs(j - position), -j)) + 1 if nearby else position + 1
 
 
 def _valid_prefix(draft: list[int], vocab: int) -> list[int]:
