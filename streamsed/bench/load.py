@@ -41,6 +41,7 @@ WORKER_COUNTERS = ("batches", "requests", "superseded", "preempted", "deferred",
 class StreamLog:
     started: float = 0.0  # wall time of the first audio chunk
     refused: str | None = None  # error code when the daemon refused the stream
+    shed: bool = False  # the daemon closed it under load (1013 overloaded) after admitting it
     finals: list[tuple[float, dict]] = field(default_factory=list)
     partials: list[tuple[float, dict]] = field(default_factory=list)
 
@@ -59,6 +60,7 @@ class LoadResult:
     engine_busy: float | None
     rss_mb: float | None
     lag_over_time: list[tuple[float, float]]  # (seconds into the run, final lag)
+    shed: int = 0  # streams the daemon closed with overloaded while they ran (load shedding)
     draft_accepted_share: float | None = None
     vad_ms_per_stream_second: float | None = None  # CPU ms Silero VAD took per second of each stream
     # Where a final's lag goes (from its own queued_ms/compute_ms) and what happened to partial work:
@@ -186,13 +188,18 @@ async def run_stream(ws_url: str, stream: str, pcm: np.ndarray, rate: int, delay
         log.started = time.monotonic()
         total = int(duration * rate)
         sent = 0
-        while sent < total:  # the file again and again, at real-time pace
-            offset = sent % len(pcm)
-            piece = pcm[offset : offset + min(chunk, total - sent)]
-            await ws.send(piece.tobytes())
-            sent += len(piece)
-            await asyncio.sleep(max(0.0, log.started + sent / rate - time.monotonic()))
-        await ws.send(json.dumps({"type": "stop"}))
+        try:
+            while sent < total:  # the file again and again, at real-time pace
+                offset = sent % len(pcm)
+                piece = pcm[offset : offset + min(chunk, total - sent)]
+                await ws.send(piece.tobytes())
+                sent += len(piece)
+                await asyncio.sleep(max(0.0, log.started + sent / rate - time.monotonic()))
+            await ws.send(json.dumps({"type": "stop"}))
+        except ConnectionClosed as closed:  # shed by the daemon under load: what it delivered still counts
+            if closed.rcvd is None or closed.rcvd.code != 1013:
+                raise
+            log.shed = True
         await receiver
 
 
@@ -231,7 +238,8 @@ async def run_level(ws_url: str, http_url: str, n: int, pcm: np.ndarray, rate: i
     worker = {key: after[key] - before[key] for key in WORKER_COUNTERS if key in after and key in before}
     accepted = after["draft_accepted"] - before["draft_accepted"]
     return LoadResult(
-        streams=n, refused=sum(bool(log.refused) for log in logs), segments=segments,
+        streams=n, refused=sum(bool(log.refused) for log in logs), shed=sum(log.shed for log in logs),
+        segments=segments,
         final_lag_p50=percentile(lags, 50), final_lag_p95=percentile(lags, 95),
         final_lag_max=round(max(lags), 3) if lags else None, first_partial_p50=percentile(firsts, 50),
         partial_share=round(with_partial / segments, 3) if segments else None,
@@ -253,16 +261,16 @@ def format_table(report: dict) -> str:
 
     lines = [f"U = {u:.3f} s (one generate() of a {report['u_segment_seconds']:.1f} s segment); "
              f"{report['duration_s']:.0f} s of speech per stream; {report['date']}",
-             "| streams | refused | segments | final lag p50 | p95 | max | first partial p50 | partial before final "
+             "| streams | refused | shed | segments | final lag p50 | p95 | max | first partial p50 | partial before final "
              "| finals/s | engine busy | VAD per stream | RSS |",
-             "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in report["levels"]:
         share = "-" if r["partial_share"] is None else f"{100 * r['partial_share']:.0f}%"
         busy = "-" if r["engine_busy"] is None else f"{100 * r['engine_busy']:.0f}%"
         rss = "-" if r["rss_mb"] is None else f"{r['rss_mb']:.0f} MB"
         vad = r.get("vad_ms_per_stream_second")
         vad = "-" if vad is None else f"{vad:.1f} ms/s"
-        lines.append(f"| {r['streams']} | {r['refused']} | {r['segments']} | {cell(r['final_lag_p50'])} | "
+        lines.append(f"| {r['streams']} | {r['refused']} | {r.get('shed', 0)} | {r['segments']} | {cell(r['final_lag_p50'])} | "
                      f"{cell(r['final_lag_p95'])} | {cell(r['final_lag_max'])} | {cell(r['first_partial_p50'])} | "
                      f"{share} | {r['finals_per_s']:.2f} | {busy} | {vad} | {rss} |")
     return "\n".join(lines)
