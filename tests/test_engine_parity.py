@@ -125,6 +125,7 @@ def assert_draft_parity(engine, audios, target, expected):
         for name, draft in draft_variants(plain.tokens, vocab, eos, u).items():
             (hyp,) = engine.decode(alone, [(0, target)], MAX_NEW, drafts=[draft])
             assert hyp.tokens == plain.tokens, (u, name)
+            assert hyp.draft_accepted <= hyp.draft_offered, (u, name)  # a resumed guess counts tokens once
     # Rows of one batch may each bring another kind of draft.
     names = list(per_row[0])
     mixed = [v[names[i % len(names)]] for i, v in enumerate(per_row)]

@@ -176,13 +176,15 @@ async def run_stream(ws_url: str, stream: str, pcm: np.ndarray, rate: int, delay
             return
 
         async def receive() -> None:
-            with contextlib.suppress(ConnectionClosed):
+            try:
                 async for message in ws:
                     event, now = json.loads(message), time.monotonic()
                     if event.get("type") == "final":
                         log.finals.append((now, event))
                     elif event.get("type") == "partial":
                         log.partials.append((now, event))
+            except ConnectionClosed as closed:
+                log.shed = log.shed or (closed.rcvd is not None and closed.rcvd.code == 1013)
 
         receiver = asyncio.create_task(receive())
         log.started = time.monotonic()

@@ -507,6 +507,7 @@ class Engine:
         choice, so only the number of forwards changes. ``row`` holds the accepted prefix plus the
         token chosen instead; ``cache`` everything but that token. Returns whether the row goes on."""
         position, misses = row.draft_accepted, 0  # draft index of the rejected token
+        furthest = position  # draft tokens [0, furthest) are already counted as accepted
         while misses < 2 and position < len(draft):
             choice, room = row.tokens[-1], max_new - len(row.tokens)
             start = _resume_at(draft, position, choice)
@@ -520,11 +521,14 @@ class Engine:
             loop.stats.batch_sizes.append(1)
             sequence = prompt + row.tokens
             got, token, logprob = self._accept(loop.processors, sequence, guess, logits[0], room, eos_ids)
-            cache.crop(got - len(guess))  # keep the choice and the guessed tokens greedy confirmed
+            if got < len(guess):  # keep the choice and the guessed tokens greedy confirmed
+                cache.crop(got - len(guess))
             row.logprob_sum += logprob
             row.tokens += guess[:got]
-            row.draft_accepted += got
-            loop.stats.draft_accepted += got
+            fresh = max(start + got - max(start, furthest), 0)  # a resumed guess may repeat draft tokens
+            furthest = max(furthest, start + got)
+            row.draft_accepted += fresh
+            loop.stats.draft_accepted += fresh
             if token is None:
                 row.finished = got < room
                 return False

@@ -151,6 +151,8 @@ def resolve_partial_dtype(engine: Engine, setting: str) -> str:
     if setting == "same":
         return setting
     float_cpu = engine.device.type == "cpu" and engine.dtype == torch.float32 and not engine.quantized
+    if setting == "auto" and not set(torch.backends.quantized.supported_engines) & {"fbgemm", "x86", "qnnpack"}:
+        return "same"  # this torch build has no int8 CPU kernels
     if setting == "int8" and not float_cpu:
         if engine.quantized == "int8":
             return "same"  # already int8
