@@ -144,21 +144,18 @@ PARTIAL_DTYPES = ("auto", "same", "int8")
 
 def resolve_partial_dtype(engine: Engine, setting: str) -> str:
     """What partials run on: "same" (the engine itself) or "int8" (its ``int8_twin()``). ``auto``
-    is int8 for a float32 model on the CPU, where it makes partials 2-2.5x cheaper (README
-    "Capacity"); finals always run on the engine as loaded."""
+    is int8 for a float32 model on a CPU whose torch has int8 kernels, where it makes partials
+    2-2.5x cheaper (README "Capacity"); finals always run on the engine as loaded."""
     if setting not in PARTIAL_DTYPES:
         raise ValueError(f"partial_dtype must be one of {', '.join(PARTIAL_DTYPES)}, not {setting!r}")
-    if setting == "same":
-        return setting
-    float_cpu = engine.device.type == "cpu" and engine.dtype == torch.float32 and not engine.quantized
-    if setting == "auto" and not set(torch.backends.quantized.supported_engines) & {"fbgemm", "x86", "qnnpack"}:
-        return "same"  # this torch build has no int8 CPU kernels
+    if setting == "same" or engine.quantized == "int8":  # an int8 model is int8 for partials too
+        return "same"
+    float_cpu = engine.device.type == "cpu" and engine.dtype == torch.float32
     if setting == "int8" and not float_cpu:
-        if engine.quantized == "int8":
-            return "same"  # already int8
         raise ValueError(f"partial_dtype int8 needs a float32 model on the CPU (this one is {engine.dtype} "
                          f"on {engine.device}); use same or auto")
-    return "int8" if setting == "int8" or (setting == "auto" and float_cpu) else "same"
+    kernels = set(torch.backends.quantized.supported_engines) & {"fbgemm", "x86", "qnnpack"}
+    return "int8" if setting == "int8" or (float_cpu and kernels) else "same"
 
 
 def auto_lanes(engine) -> int:
