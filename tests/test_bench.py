@@ -117,6 +117,16 @@ def test_bench_load_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsys)
     assert "| streams |" in capsys.readouterr().out
 
 
+def test_bench_load_reports_why_its_daemon_exited(tmp_path):
+    """The daemon's log is kept in a file (a pipe nobody reads could fill and block it) and its
+    tail explains a daemon that dies before it is ready."""
+    from streamsed.bench import load
+
+    with pytest.raises(RuntimeError, match="the daemon exited: .*no-such-model"):
+        with load.daemon_process(str(tmp_path / "no-such-model"), None):
+            pass
+
+
 def test_bench_load_rejects_bad_stream_counts(capsys):
     assert main(["bench", "load", "--streams", "1,x"]) == 2
     assert "--streams" in capsys.readouterr().err

@@ -25,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -126,13 +127,17 @@ def daemon_process(model: str, config: str | None):
     if config:
         command += ["--config", config]
     env = {**os.environ, "STREAMSED_SERVER__MAX_SESSIONS": "64"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The daemon's log goes to a file, not a pipe: nobody reads a pipe during the run, and a full one
+    # would block the daemon mid-benchmark.
+    log_file = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"the daemon exited: {process.stderr.read()[-2000:]}")
+                log_file.seek(0)
+                raise RuntimeError(f"the daemon exited: {log_file.read()[-2000:]}")
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
                     if response.status == 200:
@@ -147,6 +152,7 @@ def daemon_process(model: str, config: str | None):
             process.wait(timeout=120)
         except subprocess.TimeoutExpired:
             process.kill()
+        log_file.close()
 
 
 def rss_mb(pid: int | None) -> float | None:
