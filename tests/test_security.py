@@ -240,6 +240,11 @@ async def test_connections_per_address_and_listeners_are_limited(engine):
                 await ingest.send(json.dumps({"type": "start", "stream": "s"}))
                 assert json.loads(await ingest.recv())["type"] == "ready"
                 assert "max_connections_per_client" in await refused_with(f"{daemon.url}/v1/stream", 429)
+        # The server gives slots back once its handlers finish, a moment after the clients see the close.
+        for _ in range(500):
+            if not daemon._connections and daemon.hub.listener_count() == 0:
+                break
+            await asyncio.sleep(0.01)
         async with connect(f"{daemon.url}/v1/captions?stream=a") as again:  # slots are given back
             assert json.loads(await again.recv())["type"] == "subscribed"
     finally:
