@@ -36,6 +36,7 @@ from streamsed.daemon.microphone import (
 from tests import virtual_mic
 from tests.tiny_models import NO_GUARD
 from tests.virtual_mic import VirtualMic
+from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -283,7 +284,7 @@ async def test_a_stream_opened_after_cancellation_is_closed():
     consumer.cancel()  # e.g. a second Ctrl-C while the device opens
     with pytest.raises(asyncio.CancelledError):
         await consumer
-    await until(lambda: backend.streams and backend.streams[0].closed, 5)
+    await eventually(lambda: backend.streams and backend.streams[0].closed, 5)
 
 
 async def test_first_open_failure_raises_when_not_retrying():
@@ -542,17 +543,11 @@ async def finals_from(ws, count: int, timeout=60.0) -> list[dict]:
     return finals
 
 
-async def until(condition, timeout=20.0):
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.05)
-
-
 async def test_daemon_microphone_stream_reaches_caption_listeners(vmic, engine):
     daemon, edge = await start_daemon(mic_config(), engine)
     try:
         listener = await listen(daemon.url)
-        await until(lambda: "mic" in daemon.sessions)
+        await eventually(lambda: "mic" in daemon.sessions)
         assert daemon.sessions["mic"].options.sample_rate == 44100
         vmic.play(speech_audio("Hello everyone.", "Thank you for coming."))
         heard = []
@@ -563,7 +558,7 @@ async def test_daemon_microphone_stream_reaches_caption_listeners(vmic, engine):
 
         reader = asyncio.create_task(read_all())
         await asyncio.to_thread(vmic.wait_played)
-        await until(lambda: len([e for e in heard if e["type"] == "final"]) == 2, 60)
+        await eventually(lambda: len([e for e in heard if e["type"] == "final"]) == 2, 60)
         reader.cancel()
         finals = [e for e in heard if e["type"] == "final"]
         assert [(f["stream"], f["segment"]) for f in finals] == [("mic", 0), ("mic", 1)]
@@ -595,17 +590,17 @@ async def test_daemon_keeps_serving_websockets_while_the_microphone_is_gone(vmic
     reader = asyncio.create_task(read_all())
     finals = lambda: [e for _, e in heard if e["type"] == "final"]  # noqa: E731
     try:
-        await until(lambda: "mic" in daemon.sessions)
+        await eventually(lambda: "mic" in daemon.sessions)
         vmic.play(espeak("Hello everyone, this sentence keeps going on and on for quite a while now.", "en", 130))
         await asyncio.to_thread(vmic.wait_played, 60, 1.5)  # 1.5 s before its end: the utterance is open
         with caplog.at_level(logging.INFO, logger="streamsed.daemon.microphone"):
             unplugged = time.monotonic()
             await asyncio.to_thread(vmic.unplug)
             # The open utterance is finalized when the device goes away.
-            await until(lambda: len(finals()) == 1, 60)
+            await eventually(lambda: len(finals()) == 1, 60)
             arrived, final = next((t, e) for t, e in heard if e["type"] == "final")
             assert arrived > unplugged and final["segment"] == 0 and final["end"] > final["start"] + 2
-            await until(lambda: "mic" not in daemon.sessions)
+            await eventually(lambda: "mic" not in daemon.sessions)
 
             # Meanwhile websocket streams are served as usual.
             audio = np.concatenate([silence(0.3), espeak("Hello everyone.", "en", 140), silence(1.0)])
@@ -626,14 +621,14 @@ async def test_daemon_keeps_serving_websockets_while_the_microphone_is_gone(vmic
             await asyncio.sleep(1.2)  # a few failed re-opens
             assert "mic" not in daemon.sessions
             await asyncio.to_thread(vmic.plug)
-            await until(lambda: "mic" in daemon.sessions, 20)
+            await eventually(lambda: "mic" in daemon.sessions, 20)
         assert edge.sessions_started == 2 and edge.microphone.opens == 2
         messages = caplog.text
         assert "microphone [0] vmic lost: the audio device stopped" in messages
         assert "input device 'vmic' not found" in messages and "retrying every 0.5 s" in messages
 
         vmic.play(speech_audio("Thank you for coming."))
-        await until(lambda: len(finals()) == 2, 60)
+        await eventually(lambda: len(finals()) == 2, 60)
         assert finals()[1]["segment"] == 0  # a new session after the device came back
     finally:
         await daemon.stop()
@@ -644,7 +639,7 @@ async def test_daemon_without_its_microphone_still_serves(vmic, engine, caplog):
     with caplog.at_level(logging.ERROR, logger="streamsed.daemon.microphone"):
         daemon, edge = await start_daemon(mic_config(device="Blue Yeti"), engine)
         try:
-            await until(lambda: "Blue Yeti" in caplog.text)
+            await eventually(lambda: "Blue Yeti" in caplog.text)
             assert "input devices: [0] vmic (44100 Hz, 128 ch)" in caplog.text
             async with connect(f"{daemon.url}/v1/stream") as ws:
                 await ws.send(json.dumps({"type": "start", "stream": "room1"}))
@@ -659,7 +654,7 @@ async def test_daemon_with_portaudio_missing_logs_the_package(engine, monkeypatc
     with caplog.at_level(logging.ERROR, logger="streamsed.daemon.microphone"):
         daemon, edge = await start_daemon(mic_config(), engine)
         try:
-            await until(lambda: "libportaudio2" in caplog.text)
+            await eventually(lambda: "libportaudio2" in caplog.text)
             async with connect(f"{daemon.url}/v1/stream") as ws:
                 await ws.send(json.dumps({"type": "start", "stream": "mic"}))  # released: the edge gave up
                 assert json.loads(await ws.recv())["type"] == "ready"

@@ -27,6 +27,7 @@ from tests import mosquitto
 from tests.mosquitto import Mosquitto, PersistentRecorder, Recorder, mosquitto_sub, retained
 from tests.speech import espeak, silence
 from tests.tiny_models import NO_GUARD, tiny_whisper
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.skipif(not mosquitto.available(), reason="needs Debian's mosquitto (see README)")
 
@@ -148,12 +149,6 @@ def deduped(messages) -> dict[tuple, dict]:
             final = json.loads(message.payload)
             seen.setdefault(key(final), final)
     return seen
-
-
-async def eventually(condition, timeout=20.0, step=0.02):
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(step)
 
 
 # -- topics, QoS, retain ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from streamsed.daemon.server import Daemon
 from streamsed.engine.loading import engine_from_model
 from tests.speech import espeak, silence
 from tests.tiny_models import NO_GUARD, tiny_whisper
+from tests.waiting import eventually
 
 TOKEN, OTHER = "s3cret-token", "second-token"
 
@@ -241,10 +242,7 @@ async def test_connections_per_address_and_listeners_are_limited(engine):
                 assert json.loads(await ingest.recv())["type"] == "ready"
                 assert "max_connections_per_client" in await refused_with(f"{daemon.url}/v1/stream", 429)
         # The server gives slots back once its handlers finish, a moment after the clients see the close.
-        for _ in range(500):
-            if not daemon._connections and daemon.hub.listener_count() == 0:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: not daemon._connections and daemon.hub.listener_count() == 0)
         async with connect(f"{daemon.url}/v1/captions?stream=a") as again:  # slots are given back
             assert json.loads(await again.recv())["type"] == "subscribed"
     finally:

@@ -20,6 +20,7 @@ from streamsed.daemon.server import Daemon
 from streamsed.engine.loading import engine_from_model
 from tests.speech import espeak, silence
 from tests.tiny_models import NO_GUARD, tiny_whisper
+from tests.waiting import eventually
 
 
 @pytest.fixture(scope="module")
@@ -325,10 +326,7 @@ async def test_too_many_sessions_is_refused_at_once(engine):
                 error = await expect_fatal(c, "too_many_sessions", 1013)
                 assert "2 sessions" in error["message"]
         # The server frees a slot once its handler has finished, a moment after the client sees the close.
-        for _ in range(500):
-            if not daemon._ingests:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: not daemon._ingests)
         async with connect(f"{daemon.url}/v1/stream") as d:  # slots are free again
             await start(d)
     finally:
