@@ -93,6 +93,7 @@ def draft_variants(expected: list[int], vocab: int, eos: int, seed: int) -> dict
         "over-long": expected + garbage,  # longer than the length limit
         "eos inside": expected[:2] + [eos] + expected[2:],
         "prefix": expected[: max(len(expected) - 3, 0)],  # what an earlier, shorter partial says
+        "ends early": expected[:half] + expected[-1:],  # a partial's last words missing, its ending kept
     }
 
 
@@ -130,6 +131,51 @@ def assert_draft_parity(engine, audios, target, expected):
     names = list(per_row[0])
     mixed = [v[names[i % len(names)]] for i, v in enumerate(per_row)]
     assert [h.tokens for h in engine.decode(encoded, rows, MAX_NEW, drafts=mixed)] == expected
+
+
+def test_a_rejected_draft_resumes_where_its_tokens_line_up_again():
+    from streamsed.engine.engine import _resume_at
+
+    draft = [10, 11, 12, 13, 14]
+    assert _resume_at(draft, 2, 99) == 3  # one token misheard: go on after it
+    assert _resume_at(draft, 2, 13) == 4  # the draft had an extra token: go on after greedy's choice
+    assert _resume_at(draft, 2, 11) == 2  # the draft lacked a token: its rest comes one later
+    assert _resume_at(draft, 4, 99) == 4  # greedy adds words before the last token: guess it again
+
+
+def test_the_vocabulary_projection_equals_the_linear_layer():
+    from streamsed.engine.families import FEW_ROWS, project
+
+    linear = torch.nn.Linear(64, 3000)
+    for batch, positions in [(1, 1), (1, 2), (2, 3), (3, 3), (1, FEW_ROWS + 4)]:
+        hidden = torch.randn(batch, positions, 64)
+        with torch.inference_mode():
+            got, want = project(linear, hidden), linear(hidden)
+        assert got.shape == want.shape == (batch, positions, 3000)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if batch * positions == 1 or batch * positions > FEW_ROWS:  # generate()'s own kernel: same bits
+            assert torch.equal(got, want)
+    unbiased = torch.nn.Linear(64, 300, bias=False)
+    hidden = torch.randn(1, 4, 64)
+    torch.testing.assert_close(project(unbiased, hidden), unbiased(hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_suppression_processors_score_like_generate_s():
+    from transformers.generation.logits_process import (
+        SuppressTokensAtBeginLogitsProcessor,
+        SuppressTokensLogitsProcessor,
+    )
+
+    from streamsed.engine.suppression import SuppressTokens, SuppressTokensAtBegin
+
+    ours = [SuppressTokens([1, 5, 7]), SuppressTokensAtBegin([2, 5], begin_index=4)]
+    theirs = [SuppressTokensLogitsProcessor([1, 5, 7]), SuppressTokensAtBeginLogitsProcessor([2, 5], begin_index=4)]
+    for vocab in (10, 12):  # a mask per vocabulary size
+        for length in (3, 4, 5):  # begin-suppression only right after the prompt
+            scores, ids = torch.randn(2, vocab), torch.zeros(2, length, dtype=torch.long)
+            for mine, reference in zip(ours, theirs):
+                assert torch.equal(mine(ids, scores), reference(ids, scores)), (type(mine), vocab, length)
+    assert torch.isinf(ours[1](torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 10))[0, [2, 5]]).all()
 
 
 def test_wav2vec2_bert_matches_generate():

@@ -39,13 +39,12 @@ from transformers import (
     MinNewTokensLengthLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
-    SuppressTokensAtBeginLogitsProcessor,
-    SuppressTokensLogitsProcessor,
 )
 
 from ..core.guard import compression_ratio
 from ..core.languages import Target, UnsupportedTarget
 from .families import Family, family_for
+from .suppression import SuppressTokens, SuppressTokensAtBegin
 
 __all__ = ["Engine", "EncodedBatch", "Hypothesis", "Target", "UnsupportedTarget", "DecodeStats", "DecodeInterrupted",
            "WINDOWS", "run_rows", "compression_ratio",
@@ -582,9 +581,9 @@ class Engine:
         if config.min_new_tokens and eos:
             processors.append(MinNewTokensLengthLogitsProcessor(input_length, config.min_new_tokens, eos, device=self.device))
         if suppress:
-            processors.append(SuppressTokensLogitsProcessor(suppress, device=self.device))
+            processors.append(SuppressTokens(suppress, device=self.device))
         if begin_suppress:
-            processors.append(SuppressTokensAtBeginLogitsProcessor(begin_suppress, prompt_length, device=self.device))
+            processors.append(SuppressTokensAtBegin(begin_suppress, prompt_length, device=self.device))
         if config.forced_eos_token_id is not None:
             processors.append(ForcedEOSTokenLogitsProcessor(max_length, config.forced_eos_token_id, device=self.device))
         return processors
@@ -726,9 +725,9 @@ def _batched_scores(processors, sequence, prompt_length: int, logits) -> torch.T
     """The processed scores along a draft in one processors call, when the processors allow it: token
     suppression is the same at every position, and begin-suppression fires only right after the
     prompt (position 0, scored on its own). None: score position by position instead."""
-    if not all(type(p) in (SuppressTokensLogitsProcessor, SuppressTokensAtBeginLogitsProcessor) for p in processors):
+    if not all(type(p) in (SuppressTokens, SuppressTokensAtBegin) for p in processors):
         return None
-    if any(type(p) is SuppressTokensAtBeginLogitsProcessor and p.begin_index != prompt_length for p in processors):
+    if any(type(p) is SuppressTokensAtBegin and p.begin_index != prompt_length for p in processors):
         return None
     first = processors(sequence[:, :prompt_length], logits[:1])
     rest = logits[1:]
@@ -740,9 +739,13 @@ def _batched_scores(processors, sequence, prompt_length: int, logits) -> torch.T
 def _resume_at(draft: list[int], position: int, choice: int, reach: int = 3) -> int:
     """Where the draft goes on after greedy chose ``choice`` instead of ``draft[position]``: after
     the nearest copy of ``choice`` within ``reach`` tokens (the draft had extra tokens before it, or
-    lacked this one), else after ``position`` (one token misheard)."""
+    lacked this one), else after ``position`` (one token misheard), or at ``position`` when that
+    was the draft's last token: a partial ends early, so greedy is adding words and the partial's
+    ending (most often its period) may still end the sentence."""
     nearby = [j for j in range(max(position - reach, 0), min(position + reach + 1, len(draft))) if draft[j] == choice]
-    return min(nearby, key=lambda j: (abs(j - position), -j)) + 1 if nearby else position + 1
+    if nearby:
+        return min(nearby, key=lambda j: (abs(j - position), -j)) + 1
+    return position + 1 if position + 1 < len(draft) else position
 
 
 def _valid_prefix(draft: list[int], vocab: int) -> list[int]:
@@ -780,12 +783,16 @@ def _select_cache(cache: EncoderDecoderCache, rows: torch.Tensor, length: int) -
 
 def run_rows(engine: Engine, audios: list[np.ndarray], rows: list[tuple[int, Target]], *, window: str = "exact",
              max_new_tokens: int | None = None, should_stop: Callable[[], bool] | None = None,
-             drafts: list[list[int] | None] | None = None, word_timings: bool | list[bool] = False) -> list[Hypothesis]:
+             drafts: list[list[int] | None] | Callable[[], list[list[int] | None]] | None = None,
+             word_timings: bool | list[bool] = False) -> list[Hypothesis]:
     """Encode ``audios`` on ``window`` and decode ``rows``; a fast-window row that comes back broken
     (non-finite encoder output, or a repetition loop) is decoded again on the exact window. With
     ``word_timings`` (True, or one flag per row) the hypotheses get ``words`` (``engine/timing.py``)
-    where the model has alignment heads."""
+    where the model has alignment heads. ``drafts`` may be a function: it is called after the
+    encoder pass, so the drafts are the freshest there are when decoding starts."""
     encoded = engine.encode(audios, window)
+    if callable(drafts):
+        drafts = drafts()
     hypotheses = engine.decode(encoded, rows, max_new_tokens, should_stop, drafts)
     if encoded.window == "fast":
         hypotheses, exact, broken = _redo_broken(engine, audios, rows, encoded, hypotheses, max_new_tokens, should_stop)
