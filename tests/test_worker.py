@@ -423,3 +423,40 @@ def test_lanes_auto_is_two_on_a_multicore_cpu(engine, monkeypatch):
     assert worker_module.auto_lanes(engine) == 1
     with pytest.raises(ValueError, match="lanes"):
         EngineWorker(engine, lanes=-1)
+
+
+async def test_a_partial_drafts_its_segment_s_final_through_the_draft_source(engine, audios):
+    worker = EngineWorker(engine, max_new_tokens=SHORT)
+    worker.start()
+    try:
+        segment: dict = {}  # what a session keeps per segment
+        partial = await worker.submit(audios[1][:16000], TARGETS, "partial", draft_source=segment)
+        assert segment == {h.target: h.tokens for h in partial}  # written by the worker, not the caller
+        final = await worker.submit(audios[1], TARGETS, "final", draft_source=segment)
+    finally:
+        worker.stop()
+    assert [h.draft_offered for h in final] == [min(len(h.tokens), SHORT) for h in partial] != [0, 0]
+    assert tokens(final) == tokens(engine.transcribe([audios[1]], TARGETS, max_new_tokens=SHORT)[0])
+
+
+async def test_a_final_reads_its_draft_source_after_its_encoder_pass(engine, audios, monkeypatch):
+    """A partial that finishes on another lane while a final encodes still drafts that final."""
+    segment = {TARGETS[0]: [11, 12]}
+    encode = engine.encode
+
+    def encode_while_a_partial_finishes(*args, **kwargs):
+        encoded = encode(*args, **kwargs)
+        segment[TARGETS[0]] = [11, 12, 13, 14, 15]
+        segment[TARGETS[1]] = [21, 22, 23]
+        return encoded
+
+    monkeypatch.setattr(engine, "encode", encode_while_a_partial_finishes)
+    worker = EngineWorker(engine, max_new_tokens=SHORT)
+    worker.start()
+    try:
+        final = await worker.submit(audios[0], TARGETS, "final", draft_source=segment)
+    finally:
+        worker.stop()
+    assert [h.draft_offered for h in final] == [5, 3]
+    monkeypatch.undo()
+    assert tokens(final) == tokens(engine.transcribe([audios[0]], TARGETS, max_new_tokens=SHORT)[0])

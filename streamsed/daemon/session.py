@@ -117,7 +117,8 @@ class StreamSession:
         self._partial_mark = 0  # stream offset when the open utterance last got a partial request
         self._partial: asyncio.Task | None = None  # the one partial in flight
         self._agreements: dict[int, dict[Target, LocalAgreement]] = {}  # segment -> one per target
-        # segment -> requested target -> tokens of its latest hypothesis: the draft of the next request
+        # segment -> requested target -> tokens of its latest partial (the worker fills it in): the
+        # draft of the segment's next partial and of its final, read when their decode starts
         self._drafts: dict[int, dict[Target, list[int]]] = {}
         self._shown: dict[int, float] = {}  # segment -> when its last partial came back (orders partial work)
         self._last_final_segment = -1  # segments up to this one have had their finals emitted
@@ -215,9 +216,6 @@ class StreamSession:
         if hypotheses is None or segment <= self._last_final_segment:
             return  # superseded, or the final is out already and must stay the last word
         self._shown[segment] = time.monotonic()  # shown or dropped: this segment had its turn
-        drafts = self._drafts.setdefault(segment, {})
-        for target, hypothesis in zip(targets, hypotheses):
-            drafts[target] = hypothesis.tokens
         agreements = self._agreements.setdefault(segment, {})
         for hypothesis in hypotheses:  # keyed by target: set_targets() may change them between partials
             if self._dropped(hypothesis):
@@ -277,12 +275,10 @@ class StreamSession:
 
     # -- plumbing -----------------------------------------------------------------------------------
     def _submit(self, audio: np.ndarray, kind: str, segment: int, targets: list[Target]) -> asyncio.Future:
-        """Queue on the worker, with the segment's latest hypotheses as drafts; a stopped worker
-        gives a failed future instead of breaking feed()."""
-        known = self._drafts.get(segment, {})
-        drafts = [known.get(target) for target in targets]
+        """Queue on the worker, drafting from the segment's latest partial; a stopped worker gives a
+        failed future instead of breaking feed()."""
         try:
-            return self._worker.submit(audio, targets, kind, key=self, drafts=drafts if any(drafts) else None,
+            return self._worker.submit(audio, targets, kind, key=self, draft_source=self._drafts.setdefault(segment, {}),
                                        shown=self._shown.get(segment) if kind == "partial" else None)
         except RuntimeError as error:
             future = asyncio.get_running_loop().create_future()

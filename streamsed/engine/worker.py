@@ -19,8 +19,9 @@ queue. The worker thread is a small deadline scheduler:
 2. It checks every request's targets, failing only the requests whose targets the model rejects.
 3. It runs ONE encoder pass per window kind (``final_window``/``partial_window``: exact, fast,
    auto) over the taken requests and ONE decode over all their rows (utterance x target), so rows
-   of different streams advance in one lockstep, KV-cached loop; drafts (a stream's previous
-   hypothesis) are verified in one forward and only their confirmed prefix is kept.
+   of different streams advance in one lockstep, KV-cached loop; drafts (the segment's latest
+   partial, read after the encoder pass, so a partial that just finished on the other lane counts)
+   are verified in one forward and only their confirmed prefix is kept.
 4. It hands each request its hypotheses through ``loop.call_soon_threadsafe``; each hypothesis
    carries ``queued_ms`` (wait before its batch started) and ``compute_ms`` (its batch's run time).
    If a batch raises, its requests are retried one by one so that the exception reaches only the
@@ -62,7 +63,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,6 +135,7 @@ class _Request:
     drafts: list[list[int] | None] | None = None  # one per target
     word_timings: bool = False
     shown: float | None = None  # partials: when their segment's last partial came back (None: never)
+    draft_source: MutableMapping[Target, list[int]] | None = None  # live drafts, read when the decode starts
     submitted: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")  # finals only
 
@@ -169,6 +171,14 @@ def _staleness(request: _Request) -> tuple[bool, float]:
     """Sort key of waiting partials: segments that had no partial yet first (oldest request first),
     then the one whose last partial is oldest."""
     return (request.shown is not None, request.submitted if request.shown is None else request.shown)
+
+
+def _drafts_now(request: _Request) -> list[list[int] | None]:
+    """The request's drafts, one per target, as they stand now (see ``submit``'s ``draft_source``)."""
+    drafts = request.drafts or [None] * len(request.targets)
+    if request.draft_source is None:
+        return drafts
+    return [request.draft_source.get(target) or draft for target, draft in zip(request.targets, drafts)]
 
 
 def _settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
@@ -282,7 +292,7 @@ class EngineWorker:
     def submit(
         self, audio: np.ndarray, targets: Sequence[Target], kind: str = "final", *, key: Hashable | None = None,
         drafts: Sequence[list[int] | None] | None = None, word_timings: bool | None = None,
-        shown: float | None = None,
+        shown: float | None = None, draft_source: MutableMapping[Target, list[int]] | None = None,
     ) -> asyncio.Future:
         """Queue a request now and return a future of the running loop for its hypotheses.
 
@@ -293,6 +303,10 @@ class EngineWorker:
         they save decoder steps and never change the result. ``word_timings`` (default: finals
         only) adds ``words`` to the hypotheses. ``shown`` (partials): the ``time.monotonic()`` when
         the segment's last partial came back, None if none has; it orders waiting partials.
+        ``draft_source`` (a session passes one per segment): the segment's latest tokens by target,
+        read when this request's decode starts, after its encoder pass, so a final drafts from a
+        partial that finished on another lane meanwhile; a partial writes its own tokens into it as
+        soon as they are decoded. It takes the place of ``drafts`` for the targets it has.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -303,7 +317,7 @@ class EngineWorker:
         loop = asyncio.get_running_loop()
         request = _Request(np.asarray(audio, dtype=np.float32), list(targets), kind, key, loop, loop.create_future(),
                            [list(d) if d else None for d in drafts] if drafts is not None else None,
-                           kind == "final" if word_timings is None else word_timings, shown)
+                           kind == "final" if word_timings is None else word_timings, shown, draft_source)
         if kind == "final":
             request.deadline = request.submitted + self.final_deadline_s
         with self._condition:
@@ -495,6 +509,9 @@ class EngineWorker:
         with self._stats_lock:
             self._stats.requests += len(runnable)
         for request, hypotheses in zip(runnable, results):
+            if request.kind == "partial" and request.draft_source is not None:
+                for target, hypothesis in zip(request.targets, hypotheses):  # its segment's draft from now on
+                    request.draft_source[target] = hypothesis.tokens
             self._resolve(request, hypotheses)
 
     def _targets_ok(self, request: _Request, engine: Engine) -> bool:
@@ -521,14 +538,15 @@ class EngineWorker:
         rows_total = step_rows = forwards = 0
         for (which, window), members in groups.items():
             engine = engines[which]
-            rows, drafts, timed = [], [], []
+            rows, timed = [], []
             for n, index in enumerate(members):
                 request = batch[index]
                 rows += [(n, target) for target in request.targets]
-                drafts += request.drafts or [None] * len(request.targets)
                 timed += [request.word_timings] * len(request.targets)
-            hypotheses = run_rows(engine, [batch[i].audio for i in members], rows, window=window,
-                                  max_new_tokens=self.max_new_tokens, should_stop=should_stop, drafts=drafts,
+            requests = [batch[i] for i in members]
+            hypotheses = run_rows(engine, [r.audio for r in requests], rows, window=window,
+                                  max_new_tokens=self.max_new_tokens, should_stop=should_stop,
+                                  drafts=lambda requests=requests: [d for r in requests for d in _drafts_now(r)],
                                   word_timings=timed)
             stats = engine.last_stats
             rows_total += len(rows)
