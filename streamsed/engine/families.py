@@ -37,7 +37,7 @@ def project(linear, hidden: torch.Tensor) -> torch.Tensor:
     """``linear(hidden)`` for the vocabulary projection, hidden [batch, positions, width].
 
     On a CPU, torch's linear with 2-16 rows against Whisper's 51865 x 512 output matrix takes 17-23
-    ms where one row takes 10 ms (it reads the matrix once per row for 2-3 rows). ``W @ X^T`` on at
+    ms where one row takes 10 ms (2-3 rows are the slowest). ``W @ X^T`` on at
     most 8 rows at a time takes 3-15 ms for 2-16 rows (2 CPU threads, measured 2026-12-07).
     A single row, which is what ``generate()`` runs per step, stays on ``linear``, so plain steps
     keep generate()'s exact numbers; several rows differ from one-row steps in the last float32 bits
