@@ -94,6 +94,7 @@ def draft_variants(expected: list[int], vocab: int, eos: int, seed: int) -> dict
         "eos inside": expected[:2] + [eos] + expected[2:],
         "prefix": expected[: max(len(expected) - 3, 0)],  # what an earlier, shorter partial says
         "ends early": expected[:half] + expected[-1:],  # a partial's last words missing, its ending kept
+        "a stretch misheard": [(t + 1) % vocab for t in expected[:half]] + expected[half:],  # then right again
     }
 
 
@@ -141,6 +142,11 @@ def test_a_rejected_draft_resumes_where_its_tokens_line_up_again():
     assert _resume_at(draft, 2, 13) == 4  # the draft had an extra token: go on after greedy's choice
     assert _resume_at(draft, 2, 11) == 2  # the draft lacked a token: its rest comes one later
     assert _resume_at(draft, 4, 99) == 4  # greedy adds words before the last token: guess it again
+    # Lost (the last guesses confirmed nothing): only a copy of greedy's choice further on re-syncs.
+    assert _resume_at(draft, 1, 13, lost=True) == 4
+    assert _resume_at(draft, 1, 10, lost=True) is None  # behind: the draft has already gone past it
+    assert _resume_at(draft, 1, 99, lost=True) is None
+    assert _resume_at(draft, 1, 14, lost=True) is None  # its last token: nothing after it to guess
 
 
 def test_the_vocabulary_projection_equals_the_linear_layer():

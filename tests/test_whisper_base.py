@@ -110,7 +110,13 @@ def test_drafts_of_every_kind_give_generate_tokens(engine, clips):
                 # A missing token is first taken for a misheard one: one more forward finds the way back.
                 assert engine.last_stats.steps == (3 if name == "a token missing" else 2), (row, name)
                 realigned += 1
-    assert realigned >= 3  # the longer clips exercised all three
+            half = len(expected[u]) // 2
+            if name == "a stretch misheard" and half >= 3 and after_error > 3:
+                # Two guesses fail, plain steps up to the first token the draft has again, then one
+                # forward verifies the rest: half + 2 forwards instead of one per token.
+                assert engine.last_stats.steps <= half + 2, (row, name)
+                realigned += 1
+    assert realigned >= 4  # the longer clips exercised all four
     # What a session really offers: the partial of the audio without its last 0.5 s, on the fast window.
     heads = [a[: len(a) - 8000] for a in audios]
     partials = engine.decode(engine.encode(heads, "fast"), rows)

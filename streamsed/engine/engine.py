@@ -502,16 +502,18 @@ class Engine:
     def _follow_draft(self, loop, states, mask, cache, prompt, row: _Row, draft, max_new, eos_ids) -> bool:
         """After greedy decoding rejected a draft token, guess that the rest of the draft still
         follows (the partial misheard a word, or skipped or added one) and verify that guess in one
-        more forward, for as long as that keeps confirming tokens. Every token is still greedy's own
+        more forward, for as long as that keeps confirming tokens; once it stops confirming, step
+        plainly until greedy chooses a token the draft has further on. Every token is still greedy's own
         choice, so only the number of forwards changes. ``row`` holds the accepted prefix plus the
         token chosen instead; ``cache`` everything but that token. Returns whether the row goes on."""
         position, misses = row.draft_accepted, 0  # draft index of the rejected token
         furthest = position  # draft tokens [0, furthest) are already counted as accepted
-        while misses < 2 and position < len(draft):
+        while position < len(draft):
             choice, room = row.tokens[-1], max_new - len(row.tokens)
-            start = _resume_at(draft, position, choice)
-            guess = draft[start : start + room]
-            if not guess:
+            lost = misses >= 2
+            start = _resume_at(draft, position, choice, lost=lost)
+            guess = [] if start is None else draft[start : start + room]
+            if start is not None and not guess:
                 return True
             loop.check_stop()
             inputs = torch.tensor([[choice] + guess], device=self.device)
@@ -524,10 +526,11 @@ class Engine:
                 cache.crop(got - len(guess))
             row.logprob_sum += logprob
             row.tokens += guess[:got]
-            fresh = max(start + got - max(start, furthest), 0)  # a resumed guess may repeat draft tokens
-            furthest = max(furthest, start + got)
-            row.draft_accepted += fresh
-            loop.stats.draft_accepted += fresh
+            if got:
+                fresh = max(start + got - max(start, furthest), 0)  # a resumed guess may repeat draft tokens
+                furthest = max(furthest, start + got)
+                row.draft_accepted += fresh
+                loop.stats.draft_accepted += fresh
             if token is None:
                 row.finished = got < room
                 return False
@@ -535,6 +538,8 @@ class Engine:
             if got + 1 >= room:
                 row.finished = False
                 return False
+            if start is None or (lost and not got):  # a plain step, or a chance copy: the draft waits
+                continue
             position, misses = start + got, (misses + 1 if got == 0 else 0)
         return True
 
@@ -736,12 +741,18 @@ def _batched_scores(processors, sequence, prompt_length: int, logits) -> torch.T
     return torch.cat([first, rest])
 
 
-def _resume_at(draft: list[int], position: int, choice: int, reach: int = 3) -> int:
+def _resume_at(draft: list[int], position: int, choice: int, reach: int = 3, lost: bool = False) -> int | None:
     """Where the draft goes on after greedy chose ``choice`` instead of ``draft[position]``: after
     the nearest copy of ``choice`` within ``reach`` tokens (the draft had extra tokens before it, or
     lacked this one), else after ``position`` (one token misheard), or at ``position`` when that
     was the draft's last token: a partial ends early, so greedy is adding words and the partial's
-    ending (most often its period) may still end the sentence."""
+    ending (most often its period) may still end the sentence.
+
+    A ``lost`` draft (its last guesses confirmed nothing: the partial misheard a whole stretch) goes
+    on only after the next copy of ``choice`` ahead of ``position`` with tokens after it, where the
+    partial may agree again; None when there is none (no guess: a plain step)."""
+    if lost:
+        return next((j + 1 for j in range(position, len(draft) - 1) if draft[j] == choice), None)
     nearby = [j for j in range(max(position - reach, 0), min(position + reach + 1, len(draft))) if draft[j] == choice]
     if nearby:
         return min(nearby, key=lambda j: (abs(j - position), -j)) + 1
