@@ -150,20 +150,44 @@ def test_a_rejected_draft_resumes_where_its_tokens_line_up_again():
 
 
 def test_the_vocabulary_projection_equals_the_linear_layer():
-    from streamsed.engine.families import FEW_ROWS, project
+    from streamsed.engine.projection import few_rows, project
 
     linear = torch.nn.Linear(64, 3000)
-    for batch, positions in [(1, 1), (1, 2), (2, 3), (3, 3), (1, FEW_ROWS + 4)]:
-        hidden = torch.randn(batch, positions, 64)
-        with torch.inference_mode():
-            got, want = project(linear, hidden), linear(hidden)
-        assert got.shape == want.shape == (batch, positions, 3000)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        if batch * positions == 1 or batch * positions > FEW_ROWS:  # generate()'s own kernel: same bits
-            assert torch.equal(got, want)
+    before = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            for batch, positions in [(1, 1), (1, 2), (2, 3), (3, 3), (1, few_rows()), (1, few_rows() + 4)]:
+                hidden = torch.randn(batch, positions, 64)
+                with torch.inference_mode():
+                    got, want = project(linear, hidden), linear(hidden)
+                assert got.shape == want.shape == (batch, positions, 3000)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        finally:
+            torch.set_num_threads(before)
     unbiased = torch.nn.Linear(64, 300, bias=False)
-    hidden = torch.randn(1, 4, 64)
-    torch.testing.assert_close(project(unbiased, hidden), unbiased(hidden), rtol=1e-5, atol=1e-5)
+    for positions in (1, 4):
+        hidden = torch.randn(1, positions, 64)
+        torch.testing.assert_close(project(unbiased, hidden), unbiased(hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_the_projection_keeps_one_transposed_copy_per_weight_and_follows_changes():
+    from streamsed.engine import projection
+
+    linear = torch.nn.Linear(64, 500)
+    hidden = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        projection.project(linear, hidden)
+    first = projection._transposed(linear.weight)
+    assert projection._transposed(linear.weight) is first  # made once, shared (lanes share weights)
+    with torch.no_grad():  # what an optimizer step does to the weight
+        linear.weight.mul_(2)
+    with torch.inference_mode():
+        torch.testing.assert_close(projection.project(linear, hidden), linear(hidden), rtol=1e-5, atol=1e-5)
+    assert projection._transposed(linear.weight) is not first
+    key = id(linear.weight)
+    del linear
+    assert key not in projection._copies  # dropped with its weight
 
 
 def test_suppression_processors_score_like_generate_s():

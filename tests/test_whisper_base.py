@@ -125,6 +125,22 @@ def test_drafts_of_every_kind_give_generate_tokens(engine, clips):
     assert engine.last_stats.draft_accepted > 0
 
 
+def test_no_speech_probability_is_whispers_with_and_without_a_draft(engine, clips):
+    """openai-whisper's no_speech_prob: softmax after <|startoftranscript|> over the prompt, taken in
+    the first forward of a plain decode and of a draft's verification alike."""
+    audio, target = clips["en"], Target("en", "en")
+    encoded = engine.encode([audio])
+    (plain,) = engine.decode(encoded, [(0, target)])
+    (drafted,) = engine.decode(encoded, [(0, target)], drafts=[plain.tokens])
+    prompt = torch.tensor([engine.family.prompt(target)])
+    with torch.inference_mode():
+        logits = engine.model(input_features=engine.feature_inputs([audio])["input_features"],
+                              decoder_input_ids=prompt).logits
+    want = float(logits[0, 0].float().softmax(-1)[engine.family.no_speech_token])
+    assert plain.no_speech_prob == pytest.approx(want, rel=1e-4, abs=1e-7)
+    assert drafted.no_speech_prob == pytest.approx(want, rel=1e-4, abs=1e-7)
+
+
 def test_fast_window_final_equals_offline_translate_on_the_same_setting(engine, clips):
     """Offline == streaming on the fast window: the same segment alone or in a batch of others."""
     langs = sorted(PHRASES)

@@ -440,9 +440,14 @@ class Engine:
         pad = self.family.pad_token_id
         inputs = torch.tensor([p + d + [pad] * (longest - len(d)) for p, d in zip(prompts, drafts)], device=self.device)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        logits = self.family.logits(inputs, states, mask, cache, last=inputs.shape[1]).float()
-        loop.record_no_speech(logits, prompts[0], list(range(len(prompts))), results)
-        logits = logits[:, prompt_length - 1:]  # logits[:, j] predicts draft token j
+        start = loop.start_position(prompts[0])  # its logits give the no-speech probability
+        wanted = list(range(prompt_length - 1, inputs.shape[1]))  # wanted[j] predicts draft token j
+        if start is not None and start < wanted[0]:
+            wanted.insert(0, start)
+        logits = self.family.logits(inputs, states, mask, cache, last=wanted).float()
+        if start is not None:
+            loop.record_no_speech(logits[:, wanted.index(start)], list(range(len(prompts))), results)
+        logits = logits[:, len(wanted) - (inputs.shape[1] - prompt_length + 1):]
         stats.steps += 1
         stats.batch_sizes.append(len(prompts))
         eos_ids = set(self.family.eos_token_ids)
@@ -628,17 +633,24 @@ class _Loop:
     def prompt_logits(self, step_input, states, mask, cache, live: list[int], results: list[_Row]) -> torch.Tensor:
         """The first forward, over the whole prompt: next-token logits [rows, vocab]; the logits at
         the start token give each row's no-speech probability on the way."""
-        logits = self.family.logits(step_input, states, mask, cache, last=step_input.shape[1])
-        self.record_no_speech(logits, step_input[0].tolist(), live, results)
-        return logits[:, -1]
+        last = step_input.shape[1] - 1
+        start = self.start_position(step_input[0].tolist())
+        if start is None or start == last:
+            return self.family.logits(step_input, states, mask, cache)[:, -1]
+        logits = self.family.logits(step_input, states, mask, cache, last=[start, last])
+        self.record_no_speech(logits[:, 0], live, results)
+        return logits[:, 1]
 
-    def record_no_speech(self, logits, prompt: list[int], live: list[int], results: list[_Row]) -> None:
-        """openai-whisper's no_speech_prob: softmax of the raw logits after <|startoftranscript|>."""
-        token = self.family.no_speech_token
+    def start_position(self, prompt: list[int]) -> int | None:
+        """Where <|startoftranscript|> is in ``prompt`` when the model has a no-speech token, else None."""
         start = getattr(self.family, "start_token", None)
-        if token is None or start not in prompt:
-            return
-        probs = logits[:, prompt.index(start)].float().softmax(dim=-1)[:, token].tolist()
+        if self.family.no_speech_token is None or start not in prompt:
+            return None
+        return prompt.index(start)
+
+    def record_no_speech(self, start_logits, live: list[int], results: list[_Row]) -> None:
+        """openai-whisper's no_speech_prob: softmax of the raw logits after <|startoftranscript|>."""
+        probs = start_logits.float().softmax(dim=-1)[:, self.family.no_speech_token].tolist()
         for row, prob in zip(live, probs):
             results[row].no_speech_prob = prob
 

@@ -15,12 +15,12 @@ A family only knows token ids and module calls; the engine owns batching, cachin
 
 from __future__ import annotations
 
-import math
 import re
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 from ..core.languages import Target, UnsupportedTarget
+from .projection import project
 
 if TYPE_CHECKING:  # annotations only: this module stays importable without torch
     import torch
@@ -28,32 +28,10 @@ if TYPE_CHECKING:  # annotations only: this module stays importable without torc
 __all__ = ["Family", "Target", "UnsupportedTarget", "family_for", "language_tokens"]
 
 
-# Rows (positions x batch rows) for which ``project`` computes W @ X^T itself on a CPU, and the most
-# rows one such product takes (more are split into balanced chunks).
-FEW_ROWS, CHUNK_ROWS = 16, 8
-
-
-def project(linear, hidden: torch.Tensor) -> torch.Tensor:
-    """``linear(hidden)`` for the vocabulary projection, hidden [batch, positions, width].
-
-    On a CPU, torch's linear with 2-16 rows against Whisper's 51865 x 512 output matrix takes 17-23
-    ms where one row takes 10 ms (2-3 rows are the slowest). ``W @ X^T`` on at
-    most 8 rows at a time takes 3-15 ms for 2-16 rows (2 CPU threads, measured 2026-12-07).
-    A single row, which is what ``generate()`` runs per step, stays on ``linear``, so plain steps
-    keep generate()'s exact numbers; several rows differ from one-row steps in the last float32 bits
-    either way (~1e-6), which is all draft verification and batched steps ever saw."""
-    import torch  # this module stays importable without torch
-
-    batch, positions, width = hidden.shape
-    rows = batch * positions
-    if type(linear) is not torch.nn.Linear or hidden.device.type != "cpu" or not 2 <= rows <= FEW_ROWS:
-        return linear(hidden)
-    size = math.ceil(rows / math.ceil(rows / CHUNK_ROWS))  # 9 rows: 5 + 4, never a lone row (a slow GEMV)
-    flat = hidden.reshape(rows, width)
-    out = torch.cat([torch.mm(linear.weight, chunk.t()).t() for chunk in flat.split(size)])
-    if linear.bias is not None:
-        out = out + linear.bias
-    return out.reshape(batch, positions, -1)
+def _positions(states: torch.Tensor, last: int | list[int]) -> torch.Tensor:
+    """[batch, positions, ...] -> the ``last`` positions, or the positions listed (only the logits
+    that are used get projected: the vocabulary projection is the costliest part of a step)."""
+    return states[:, -last:] if isinstance(last, int) else states[:, last]
 
 
 _LANGUAGE_TOKEN_PATTERNS = (
@@ -154,9 +132,10 @@ class Family(ABC):
     positions_and_mask = False
 
     @abstractmethod
-    def logits(self, input_ids, encoder_states, encoder_mask, cache, last: int = 1, **kwargs) -> torch.Tensor:
+    def logits(self, input_ids, encoder_states, encoder_mask, cache, last: int | list[int] = 1, **kwargs) -> torch.Tensor:
         """Run the decoder on the new ``input_ids`` with ``cache``; logits of the ``last`` positions
-        as [batch, last, vocab] (one position per step, a whole draft when verifying one)."""
+        (or of the positions of ``input_ids`` listed) as [batch, positions, vocab]: one position per
+        step, a whole draft when verifying one."""
 
     def step(self, input_ids, encoder_states, encoder_mask, cache) -> torch.Tensor:
         """One decoder step: last-position logits [batch, vocab]."""
@@ -293,7 +272,7 @@ class WhisperFamily(Family):
             input_ids=input_ids, encoder_hidden_states=encoder_states, cache=cache, use_cache=True,
             attention_mask=attention_mask, position_ids=position_ids,
         )
-        return project(self.model.proj_out, out.last_hidden_state[:, -last:])
+        return project(self.model.proj_out, _positions(out.last_hidden_state, last))
 
 
 class _StartTokenFamily(Family):
@@ -360,7 +339,7 @@ class Speech2TextFamily(_StartTokenFamily):
             cache=cache,
             use_cache=True,
         )
-        return project(self.model.lm_head, out.last_hidden_state[:, -last:])
+        return project(self.model.lm_head, _positions(out.last_hidden_state, last))
 
 
 class SpeechEncoderDecoderFamily(_StartTokenFamily):
@@ -392,7 +371,7 @@ class SpeechEncoderDecoderFamily(_StartTokenFamily):
             cache=cache,
             use_cache=True,
         )
-        return out.logits[:, -last:]
+        return _positions(out.logits, last)
 
 
 FAMILIES = {
