@@ -610,7 +610,7 @@ async def test_engine_counters_are_served_as_json(daemon, speech):
     before = json.loads(body)
     assert status == 200 and before["model"] == "tiny-whisper" and before["overloaded"] is False
     assert before["windows"] == {"final": "fast", "partial": "fast", "file": "fast"} and before["final_deadline_ms"] == 2000
-    assert before["partial_dtype"] == "int8"  # the default config on a CPU: partials on the int8 twin
+    assert before["partial_dtype"] == "int8-first"  # the default config on a CPU: first partials on the int8 twin
     async with connect(f"{daemon.url}/v1/stream") as ws:
         await start(ws, stream="counted", source_lang="en")
         await stream(ws, speech)

@@ -369,11 +369,33 @@ async def test_int8_partials_run_on_the_twin_and_finals_on_the_model(engine, aud
     assert max(gaps) > 1e-3  # not vacuous: int8 scores are far from float32 ones on these inputs
 
 
-def test_partial_dtype_auto_is_int8_for_float32_on_the_cpu_only(engine):
+async def test_int8_first_runs_a_segments_first_partial_on_the_twin_and_later_ones_on_the_model(engine, audios):
+    worker = EngineWorker(engine, 1, max_new_tokens=SHORT, partial_dtype="auto")
+    assert worker.partial_dtype == "int8-first"
+    audio = audios[0]
+    first = worker.submit(audio, TARGETS, "partial", key="a")  # its segment had no partial yet
+    later = worker.submit(audio, TARGETS, "partial", key="b", shown=time.monotonic())  # it had one
+    worker.start()
+    try:
+        first, later = await asyncio.gather(first, later)
+    finally:
+        worker.stop()
+    float32 = engine.transcribe([audio], TARGETS, max_new_tokens=SHORT)[0]
+    int8 = engine.int8_twin().transcribe([audio], TARGETS, max_new_tokens=SHORT)[0]
+    assert max(abs(a.avg_logprob - b.avg_logprob) for a, b in zip(float32, int8)) > 1e-3  # tellable apart
+    assert [h.avg_logprob for h in first] == pytest.approx([h.avg_logprob for h in int8], rel=1e-5)
+    assert [h.avg_logprob for h in later] == pytest.approx([h.avg_logprob for h in float32], rel=1e-5)
+    assert worker.stats.int8_partials == 1
+    # Each kind of partial has its own measured cost: a twin's partial is not priced as a float one.
+    assert set(worker.costs) == {"final", "partial", "file", "partial_int8"}
+    assert worker.costs["partial"] > 0 and worker.costs["partial_int8"] > 0
+
+
+def test_partial_dtype_auto_is_int8_first_for_float32_on_the_cpu_only(engine):
     from streamsed.engine.loading import _int8_engine
     from streamsed.engine.worker import resolve_partial_dtype
 
-    assert resolve_partial_dtype(engine, "auto") == "int8"
+    assert resolve_partial_dtype(engine, "auto") == "int8-first"
     assert resolve_partial_dtype(engine, "same") == "same"
     assert resolve_partial_dtype(engine, "int8") == "int8"
     int8 = _int8_engine(*tiny_whisper(), name="tiny-int8", window_margin_s=5.0)

@@ -293,8 +293,9 @@ def run_contenders(engine, audio_batches: list, target, ct2_dir: Path | None, re
     singles = [[a] for batch in audio_batches for a in batch]
     single_encoded = [engine.encode(b, "auto") for b in singles]
     single_drafts = partial_drafts(engine, singles, target)
-    # The daemon's default on a CPU (partial_dtype auto): partials, hence drafts, from the int8 twin.
-    twin = engine.int8_twin() if resolve_partial_dtype(engine, "auto") == "int8" else None
+    # Drafts from int8 partials: partial_dtype int8, or under the CPU default (auto: int8-first) a
+    # segment whose only partial was its first; its later partials run on the model itself.
+    twin = engine.int8_twin() if resolve_partial_dtype(engine, "auto") != "same" else None
     int8_drafts = partial_drafts(twin, singles, target) if twin is not None else None
     decoders = {
         "engine": lambda: engine_decode(engine, enc["torch"].result, target),
@@ -491,7 +492,7 @@ def report(info, audio_info, repeat, contenders: dict[str, Contender]) -> str:
         int8_one = contenders["final_int8_drafts"]
         fs = int8_one.extra["draft_stats"]
         lines.append(
-            f"the same with the daemon's CPU default, partials (drafts) from the int8 twin: "
+            f"the same with drafts from int8 partials (partial_dtype int8, or a segment's first partial): "
             f"{int8_one.decode_seconds / one.decode_seconds:.2f}x ({fs['draft_accepted']} of {fs['draft_offered']} "
             f"draft tokens accepted, {fs['steps']} decoder forwards)"
         )

@@ -58,7 +58,7 @@ class ModelConfig:
     lanes: int = 0  # engine threads running batches in parallel; 0 = auto (2 on a multi-core CPU, 1 on CUDA)
     final_window: str = "auto"  # exact | fast | auto (fast on CPU, exact on CUDA)
     partial_window: str = "fast"
-    partial_dtype: str = "auto"  # auto | same | int8: what partials run on (auto: int8 for float32 on a CPU)
+    partial_dtype: str = "auto"  # auto | same | int8: what partials run on (auto, float32 on a CPU: a segment's first on int8)
     window_margin_s: float = 5.0
     final_deadline_ms: float = 2000.0
     cuda_graphs: bool = True  # CUDA + Whisper: static KV cache, decoder step replayed as CUDA graphs

@@ -36,11 +36,13 @@ single-threaded lanes get more done, and two finals that arrive together both st
 fast. A CPU lane takes its share of the queued finals (usually one, alone) and no partials beside
 them: the other lane takes those.
 
-**int8 partials.** With ``partial_dtype`` auto (the daemon's default) a float32 model on the CPU
-decodes partials on its ``Engine.int8_twin()``: the Linear layers dynamically quantized, all other
-weights shared. A partial then costs less than half as much, so more of them fit beside the
-finals; finals and files still run on the model as loaded, and a draft from an int8 partial only
-decides how many decoder steps the final saves, never its tokens.
+**int8 partials.** A float32 model on the CPU can decode partials on its ``Engine.int8_twin()``:
+the Linear layers dynamically quantized, all other weights shared; such a partial costs less than
+half as much, but its text is a little worse and, as a draft, the final accepts less of it.
+``partial_dtype`` auto (the daemon's default) runs the *first* partial of each segment on the twin,
+so a viewer sees words soon, and its later partials, which become the final's draft, on the model
+itself ("int8-first"); int8 runs every partial on the twin. Finals and files always run on the
+model as loaded, and a draft only decides how many decoder steps the final saves, never its tokens.
 
 **Overload.** When finals fall behind their deadline the worker is ``overloaded`` (partials pause
 as above; the server refuses new ingest sessions with ``overloaded``). The episode is logged once
@@ -102,6 +104,7 @@ class WorkerStats:
     draft_offered: int = 0  # draft tokens offered over all rows
     draft_accepted: int = 0  # of those, confirmed by greedy decoding
     deferred: int = 0  # times a partial was left queued to keep finals on time
+    int8_partials: int = 0  # partials decoded on the int8 twin
     overload_episodes: int = 0
     max_final_wait_seconds: float = 0.0  # longest a final waited in the queue
     answered_by_window: dict[str, int] = field(default_factory=dict)  # hypotheses per window that made them
@@ -145,9 +148,10 @@ PARTIAL_DTYPES = ("auto", "same", "int8")
 
 
 def resolve_partial_dtype(engine: Engine, setting: str) -> str:
-    """What partials run on: "same" (the engine itself) or "int8" (its ``int8_twin()``). ``auto``
-    is int8 for a float32 model on a CPU whose torch has int8 kernels, where it makes partials
-    2-2.5x cheaper (README "Capacity"); finals always run on the engine as loaded."""
+    """What partials run on: "same" (the engine itself), "int8" (its ``int8_twin()``) or
+    "int8-first" (a segment's first partial on the twin, the rest on the engine). ``auto`` is
+    int8-first for a float32 model on a CPU whose torch has int8 kernels, where the twin makes a
+    partial 2-2.5x cheaper (README "Capacity"); finals always run on the engine as loaded."""
     if setting not in PARTIAL_DTYPES:
         raise ValueError(f"partial_dtype must be one of {', '.join(PARTIAL_DTYPES)}, not {setting!r}")
     if setting == "same" or engine.quantized == "int8":  # an int8 model is int8 for partials too
@@ -157,7 +161,9 @@ def resolve_partial_dtype(engine: Engine, setting: str) -> str:
         raise ValueError(f"partial_dtype int8 needs a float32 model on the CPU (this one is {engine.dtype} "
                          f"on {engine.device}); use same or auto")
     kernels = set(torch.backends.quantized.supported_engines) & {"fbgemm", "x86", "qnnpack"}
-    return "int8" if setting == "int8" or (float_cpu and kernels) else "same"
+    if setting == "int8":
+        return "int8"
+    return "int8-first" if float_cpu and kernels else "same"
 
 
 def auto_lanes(engine) -> int:
@@ -165,6 +171,9 @@ def auto_lanes(engine) -> int:
     if getattr(engine, "device", torch.device("cpu")).type != "cpu" or getattr(engine, "static_decoder", None):
         return 1
     return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+_INT8_PARTIAL = "partial_int8"  # cost key of the partials that run on the int8 twin beside float ones
 
 
 def _staleness(request: _Request) -> tuple[bool, float]:
@@ -218,7 +227,7 @@ class EngineWorker:
         self.partial_dtype = resolve_partial_dtype(engine, partial_dtype)
         finals = [engine] + [engine.replica() for _ in range(self.lanes - 1)]
         partials = finals
-        if self.partial_dtype == "int8":
+        if self.partial_dtype != "same":
             twin = engine.int8_twin()
             partials = [twin] + [twin.replica() for _ in range(self.lanes - 1)]
         self._engines = list(zip(finals, partials))  # per lane: (engine of finals and files, of partials)
@@ -232,6 +241,8 @@ class EngineWorker:
         self.final_deadline_s = final_deadline_ms / 1000
         self.windows["file"] = self.windows["final"]  # a file's segments decode as live finals do
         self._cost = dict.fromkeys(KINDS, 0.0)  # moving average of seconds per request, by kind
+        if self.partial_dtype == "int8-first":
+            self._cost[_INT8_PARTIAL] = 0.0  # partials on the twin cost their own
         self._overloaded_since: float | None = None
         self.started_at = time.monotonic()
         self._episode_worst = 0.0
@@ -434,12 +445,12 @@ class EngineWorker:
             waiting = [r for r in live if r.kind == kind]
             if kind == "partial":
                 waiting.sort(key=_staleness)
-            room = min(self._fits(spare, kind), self.max_batch_utterances - len(batch))
+            room = min(self._fits(spare, waiting), self.max_batch_utterances - len(batch))
             if not batch and not self.overloaded:
                 room = max(room, 1)  # an idle engine always runs one, even if it costs more than the budget
             taken = waiting[: max(room, 0)]
             batch += taken
-            spare -= len(taken) * self._cost[kind]
+            spare -= sum(self._cost[self._cost_key(r)] for r in taken)
             if kind == "partial" and len(taken) < len(waiting):
                 with self._stats_lock:
                     self._stats.deferred += len(waiting) - len(taken)
@@ -458,12 +469,30 @@ class EngineWorker:
             return self.final_deadline_s / 2 - self._cost["final"]
         return min(r.deadline for r in finals) - now - len(finals) * self._cost["final"] / self.lanes
 
-    def _fits(self, spare: float, kind: str) -> int:
-        """How many requests of ``kind`` fit in ``spare`` seconds at their measured cost."""
+    def _fits(self, spare: float, waiting: list[_Request]) -> int:
+        """How many of ``waiting``, in order, fit in ``spare`` seconds at their measured cost (one
+        whose kind has no measured cost yet always fits)."""
         if spare <= 0:
             return 0
-        cost = self._cost[kind]
-        return self.max_batch_utterances if cost == 0 or math.isinf(spare) else int(spare // cost)
+        if math.isinf(spare):
+            return self.max_batch_utterances
+        count = 0
+        for request in waiting:
+            cost = self._cost[self._cost_key(request)]
+            if cost > spare:
+                break
+            spare -= cost
+            count += 1
+        return count
+
+    def _on_twin(self, request: _Request) -> bool:
+        """Whether ``request`` runs on the int8 twin: a partial, and for int8-first its segment's first."""
+        if request.kind != "partial" or self.partial_dtype == "same":
+            return False
+        return self.partial_dtype == "int8" or request.shown is None
+
+    def _cost_key(self, request: _Request) -> str:
+        return _INT8_PARTIAL if _INT8_PARTIAL in self._cost and self._on_twin(request) else request.kind
 
     def _track_overload(self, now: float, finals: list[_Request]) -> None:
         """Enter overload when the oldest final is past its deadline; leave once no final is late and
@@ -528,15 +557,16 @@ class EngineWorker:
         started = time.perf_counter()
         begun = time.monotonic()
         only_partials = all(r.kind == "partial" for r in batch)
-        should_stop = (lambda: self._partials_must_yield(started, len(batch))) if only_partials else None
+        expected = sum(self._cost[self._cost_key(r)] for r in batch)
+        should_stop = (lambda: self._partials_must_yield(started, expected)) if only_partials else None
         groups: dict[tuple[int, str], list[int]] = {}  # one encoder pass per (engine, window)
-        twin = engines[1] is not engines[0]
         for index, request in enumerate(batch):
-            which = int(twin and request.kind == "partial")
+            which = int(self._on_twin(request))
             groups.setdefault((which, self.windows[request.kind]), []).append(index)
         results: list[list[Hypothesis]] = [[] for _ in batch]
         rows_total = step_rows = forwards = 0
         for (which, window), members in groups.items():
+            group_started = time.perf_counter()
             engine = engines[which]
             rows, timed = [], []
             for n, index in enumerate(members):
@@ -557,46 +587,47 @@ class EngineWorker:
                 count = len(batch[index].targets)
                 results[index] = hypotheses[first : first + count]
                 first += count
+            self._learn_cost([batch[i] for i in members], time.perf_counter() - group_started)
         seconds = time.perf_counter() - started
         for request, hypotheses in zip(batch, results):
             for hypothesis in hypotheses:
                 hypothesis.queued_ms = round((begun - request.submitted) * 1000)
                 hypothesis.compute_ms = round(seconds * 1000)
-        self._learn_cost(batch, seconds)
         with self._stats_lock:
             self._stats.record(len(batch), rows_total, step_rows, seconds)
             self._stats.record_decode([h for hyps in results for h in hyps], forwards)
+            self._stats.int8_partials += sum(self._on_twin(r) for r in batch)
             for request in batch:
                 if request.kind == "final":
                     self._stats.max_final_wait_seconds = max(self._stats.max_final_wait_seconds,
                                                              begun - request.submitted)
         return results
 
-    def _partials_must_yield(self, started: float, size: int) -> bool:
+    def _partials_must_yield(self, started: float, expected: float) -> bool:
         """Polled between decoder steps of a partials-only batch: stop it when a final is waiting and
         letting the batch finish would make that final late. While the cost of a partial is not
         known yet, any waiting final stops it (an aborted partial wastes its encoder pass, so
         partials that fit before the deadline are let through)."""
         if self._finals_pending == 0 or self._idle_lanes:  # an idle lane takes the final at once
             return False
-        remaining = max(self._cost["partial"] * size - (time.perf_counter() - started), 0.0)
+        remaining = max(expected - (time.perf_counter() - started), 0.0)
         with self._condition:
             finals = [r for r in self._pending if r.kind == "final"]
             if not finals or self._yielding >= len(finals):  # other lanes already make room for them
                 return False
             finish = time.monotonic() + remaining + len(finals) * self._cost["final"] / self.lanes
-            if self._cost["partial"] and finish <= min(r.deadline for r in finals):
+            if expected and finish <= min(r.deadline for r in finals):
                 return False
             self._yielding += 1  # this lane raises DecodeInterrupted now and takes the final next
             return True
 
-    def _learn_cost(self, batch: list[_Request], seconds: float) -> None:
-        """Moving average of engine seconds per request, split between the kinds of the batch."""
-        per_request = seconds / len(batch)
-        for kind in KINDS:
-            if any(r.kind == kind for r in batch):
-                old = self._cost[kind]
-                self._cost[kind] = per_request if old == 0 else old + _COST_SMOOTHING * (per_request - old)
+    def _learn_cost(self, group: list[_Request], seconds: float) -> None:
+        """Moving average of engine seconds per request, split between the cost keys of one encoder
+        and decoder group (requests of one engine and window)."""
+        per_request = seconds / len(group)
+        for key in {self._cost_key(r) for r in group}:
+            old = self._cost[key]
+            self._cost[key] = per_request if old == 0 else old + _COST_SMOOTHING * (per_request - old)
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         with self._stats_lock:
