@@ -30,6 +30,26 @@ class FakeEngine:
     ran: list[str] = field(default_factory=list)
     batches: list[list[str]] = field(default_factory=list)
     last_stats: DecodeStats = field(default_factory=DecodeStats)
+    twin_cost: float | None = None  # set: it has an "int8 twin" (partial_dtype auto) of that cost
+    twin: FakeEngine | None = None
+    quantized = None
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cpu")
+
+    @property
+    def dtype(self):
+        import torch
+
+        return torch.float32
+
+    def int8_twin(self):
+        assert self.twin_cost is not None
+        self.twin = FakeEngine(cost=self.twin_cost)
+        return self.twin
 
     def resolve_window(self, window):
         return "exact"
@@ -363,3 +383,32 @@ async def test_when_both_lanes_run_partials_one_of_them_yields_to_a_final():
         worker.stop()
     assert worker.stats.preempted == 1  # one lane made room; the other partial finished
     assert sum(r is None for r in results[:2]) == 1 and results[2] is not None
+
+
+async def test_int8_first_partials_run_on_the_twin_and_each_kind_is_priced_at_its_own_cost():
+    engine = FakeEngine(cost=0.08, twin_cost=0.02)
+    worker = EngineWorker(engine, max_batch_utterances=1, batch_window_ms=0, partial_dtype="auto")
+    assert worker.partial_dtype == "int8-first"
+    shown = time.monotonic()
+    firsts = [worker.submit(audio(i), T, "partial", key=f"first{i}") for i in (1, 2)]
+    laters = [worker.submit(audio(i), T, "partial", key=f"later{i}", shown=shown) for i in (3, 4)]
+    worker.start()
+    try:
+        await asyncio.gather(*firsts, *laters)
+    finally:
+        worker.stop()
+    assert engine.twin.ran == ["1", "2"] and engine.ran == ["3", "4"]  # a segment's first on the twin
+    assert worker.stats.int8_partials == 2
+    assert 0 < worker.costs["partial_int8"] < worker.costs["partial"]
+
+    # A batch's room is filled request by request at each one's own cost: two twin partials (0.02 s
+    # each) and one float partial (0.08 s) fit in 0.13 s, a second float one does not.
+    worker = EngineWorker(FakeEngine(cost=0.08, twin_cost=0.02), max_batch_utterances=8, partial_dtype="auto")
+    worker._cost.update(partial=0.08, partial_int8=0.02)
+    futures = [worker.submit(audio(i), T, "partial", key=i) for i in (1, 2)]
+    futures += [worker.submit(audio(i), T, "partial", key=i, shown=shown) for i in (3, 4)]
+    waiting = sorted(worker._pending, key=lambda r: (r.shown is not None, r.submitted))
+    assert worker._fits(0.13, waiting) == 3
+    assert worker._fits(0.03, waiting) == 1
+    worker.stop()  # never started: it drains the queue
+    await asyncio.gather(*futures)

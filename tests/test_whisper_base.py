@@ -112,9 +112,10 @@ def test_drafts_of_every_kind_give_generate_tokens(engine, clips):
                 realigned += 1
             half = len(expected[u]) // 2
             if name == "a stretch misheard" and half >= 3 and after_error > 3:
-                # Two guesses fail, plain steps up to the first token the draft has again, then one
-                # forward verifies the rest: half + 2 forwards instead of one per token.
-                assert engine.last_stats.steps <= half + 2, (row, name)
+                # Two guesses fail, plain steps up to the first token the draft has again, one
+                # forward verifies a short guess after it, one more the rest: half + 3 forwards
+                # instead of one per token.
+                assert engine.last_stats.steps <= half + 3, (row, name)
                 realigned += 1
     assert realigned >= 4  # the longer clips exercised all four
     # What a session really offers: the partial of the audio without its last 0.5 s, on the fast window.

@@ -441,13 +441,14 @@ class Engine:
         inputs = torch.tensor([p + d + [pad] * (longest - len(d)) for p, d in zip(prompts, drafts)], device=self.device)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         start = loop.start_position(prompts[0])  # its logits give the no-speech probability
-        wanted = list(range(prompt_length - 1, inputs.shape[1]))  # wanted[j] predicts draft token j
-        if start is not None and start < wanted[0]:
+        wanted = list(range(prompt_length - 1, inputs.shape[1]))  # the positions that predict draft tokens
+        inserted = start is not None and start < wanted[0]
+        if inserted:
             wanted.insert(0, start)
         logits = self.family.logits(inputs, states, mask, cache, last=wanted).float()
         if start is not None:
             loop.record_no_speech(logits[:, wanted.index(start)], list(range(len(prompts))), results)
-        logits = logits[:, len(wanted) - (inputs.shape[1] - prompt_length + 1):]
+        logits = logits[:, int(inserted):]  # logits[:, j] predicts draft token j
         stats.steps += 1
         stats.batch_sizes.append(len(prompts))
         eos_ids = set(self.family.eos_token_ids)
@@ -517,7 +518,9 @@ class Engine:
             choice, room = row.tokens[-1], max_new - len(row.tokens)
             lost = misses >= 2
             start = _resume_at(draft, position, choice, lost=lost)
-            guess = [] if start is None else draft[start : start + room]
+            # A lost draft's copy of the choice may be chance (",", " the"): a short guess costs
+            # little more than a plain step; once it confirms, the next guess is the whole rest.
+            guess = [] if start is None else draft[start : start + min(room, LOST_GUESS if lost else room)]
             if start is not None and not guess:
                 return True
             loop.check_stop()
@@ -635,11 +638,11 @@ class _Loop:
         the start token give each row's no-speech probability on the way."""
         last = step_input.shape[1] - 1
         start = self.start_position(step_input[0].tolist())
-        if start is None or start == last:
-            return self.family.logits(step_input, states, mask, cache)[:, -1]
-        logits = self.family.logits(step_input, states, mask, cache, last=[start, last])
-        self.record_no_speech(logits[:, 0], live, results)
-        return logits[:, 1]
+        wanted = [last] if start is None or start == last else [start, last]
+        logits = self.family.logits(step_input, states, mask, cache, last=wanted)
+        if start is not None:
+            self.record_no_speech(logits[:, 0], live, results)
+        return logits[:, -1]
 
     def start_position(self, prompt: list[int]) -> int | None:
         """Where <|startoftranscript|> is in ``prompt`` when the model has a no-speech token, else None."""
@@ -751,6 +754,9 @@ def _batched_scores(processors, sequence, prompt_length: int, logits) -> torch.T
     if len(rest):  # any length other than the begin index: only plain suppression applies
         rest = processors(sequence[:, : prompt_length + 1].expand(len(rest), -1), rest)
     return torch.cat([first, rest])
+
+
+LOST_GUESS = 4  # tokens a lost draft guesses after a copy of greedy's choice
 
 
 def _resume_at(draft: list[int], position: int, choice: int, reach: int = 3, lost: bool = False) -> int | None:

@@ -17,8 +17,10 @@ torch's ``linear`` reads it slowly for the few rows a decoder step has. Measured
 So: one row (a plain decoder step) and many rows run as ``x @ W^T`` on a transposed copy of the
 matrix, kept once per weight tensor and shared by the lanes (+106 MB for whisper-base); 2 to
 ``few_rows()`` rows (draft verification, small lockstep batches) as ``W @ x^T`` in balanced chunks.
-Each kernel sums in its own order, so logits differ from ``linear``'s in the last float32 bits
-(~1e-6); the parity tests prove the tokens stay ``generate()``'s.
+Each kernel sums in its own order, so logits differ from ``linear``'s (and a plain step's from
+``generate()``'s) in the last float32 bits, ~1e-6: only a near-tie that close could change a greedy
+token. The parity tests (tiny models, whisper-base clips, ``bench decode``'s segments, which check
+every token) find ``generate()``'s tokens everywhere.
 """
 
 from __future__ import annotations
@@ -63,21 +65,27 @@ def project(linear, hidden: torch.Tensor) -> torch.Tensor:
     return out.reshape(batch, positions, -1)
 
 
-_copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> (weight, its version, W^T)
+_copies: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}  # id(weight) -> (weight, its state, W^T)
 _copies_lock = threading.Lock()
 
 
 def _transposed(weight: torch.Tensor) -> torch.Tensor:
-    """A contiguous W^T, made once per weight tensor and remade if the weight changed in place
-    (fine-tuning); dropped with the weight."""
-    key, version = id(weight), _version(weight)
+    """A contiguous W^T, made once per weight tensor (lanes share it) and remade when the weight
+    changed: in place (an optimizer step, load_state_dict) or given new data (``module.to``).
+    Writes through ``weight.data`` that keep its storage are invisible to torch and to this cache;
+    nothing in streamsed changes a loaded model that way. Dropped with the weight."""
+    key = id(weight)
+    state = (_version(weight), weight.data_ptr(), weight.dtype, tuple(weight.shape))
     entry = _copies.get(key)
-    if entry is not None and entry[0]() is weight and entry[1] == version:
+    if entry is not None and entry[0]() is weight and entry[1] == state:
         return entry[2]
-    copy = weight.detach().t().contiguous()
-    with _copies_lock:
-        _copies[key] = (weakref.ref(weight, lambda _, key=key: _copies.pop(key, None)), version, copy)
-    return copy
+    with _copies_lock:  # two lanes missing at once: one builds the copy, the other takes it
+        entry = _copies.get(key)
+        if entry is not None and entry[0]() is weight and entry[1] == state:
+            return entry[2]
+        copy = weight.detach().t().contiguous()
+        _copies[key] = (weakref.ref(weight, lambda _, key=key: _copies.pop(key, None)), state, copy)
+        return copy
 
 
 def _version(tensor: torch.Tensor) -> int:

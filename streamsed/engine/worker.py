@@ -470,8 +470,8 @@ class EngineWorker:
         return min(r.deadline for r in finals) - now - len(finals) * self._cost["final"] / self.lanes
 
     def _fits(self, spare: float, waiting: list[_Request]) -> int:
-        """How many of ``waiting``, in order, fit in ``spare`` seconds at their measured cost (one
-        whose kind has no measured cost yet always fits)."""
+        """How many of ``waiting``, in order, fit in ``spare`` seconds at the measured cost of each
+        one's cost key (one whose key has no measured cost yet always fits)."""
         if spare <= 0:
             return 0
         if math.isinf(spare):
@@ -557,7 +557,8 @@ class EngineWorker:
         started = time.perf_counter()
         begun = time.monotonic()
         only_partials = all(r.kind == "partial" for r in batch)
-        expected = sum(self._cost[self._cost_key(r)] for r in batch)
+        costs = [self._cost[self._cost_key(r)] for r in batch]
+        expected = sum(costs) if all(costs) else 0.0  # 0: not every request's cost is known yet
         should_stop = (lambda: self._partials_must_yield(started, expected)) if only_partials else None
         groups: dict[tuple[int, str], list[int]] = {}  # one encoder pass per (engine, window)
         for index, request in enumerate(batch):
@@ -605,9 +606,10 @@ class EngineWorker:
 
     def _partials_must_yield(self, started: float, expected: float) -> bool:
         """Polled between decoder steps of a partials-only batch: stop it when a final is waiting and
-        letting the batch finish would make that final late. While the cost of a partial is not
-        known yet, any waiting final stops it (an aborted partial wastes its encoder pass, so
-        partials that fit before the deadline are let through)."""
+        letting the batch finish would make that final late. ``expected``: the batch's measured
+        cost, 0 while some of its kinds of partial have none; then any waiting final stops it (an
+        aborted partial wastes its encoder pass, so partials that fit before the deadline are let
+        through)."""
         if self._finals_pending == 0 or self._idle_lanes:  # an idle lane takes the final at once
             return False
         remaining = max(expected - (time.perf_counter() - started), 0.0)
