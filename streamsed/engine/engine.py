@@ -440,15 +440,8 @@ class Engine:
         pad = self.family.pad_token_id
         inputs = torch.tensor([p + d + [pad] * (longest - len(d)) for p, d in zip(prompts, drafts)], device=self.device)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        start = loop.start_position(prompts[0])  # its logits give the no-speech probability
-        wanted = list(range(prompt_length - 1, inputs.shape[1]))  # the positions that predict draft tokens
-        inserted = start is not None and start < wanted[0]
-        if inserted:
-            wanted.insert(0, start)
-        logits = self.family.logits(inputs, states, mask, cache, last=wanted).float()
-        if start is not None:
-            loop.record_no_speech(logits[:, wanted.index(start)], list(range(len(prompts))), results)
-        logits = logits[:, int(inserted):]  # logits[:, j] predicts draft token j
+        # logits[:, j] predicts draft token j
+        logits = loop.first_logits(inputs, states, mask, cache, prompts[0], list(range(len(prompts))), results).float()
         stats.steps += 1
         stats.batch_sizes.append(len(prompts))
         eos_ids = set(self.family.eos_token_ids)
@@ -634,28 +627,26 @@ class _Loop:
             raise DecodeInterrupted(f"stopped after {self.stats.steps} decoder steps")
 
     def prompt_logits(self, step_input, states, mask, cache, live: list[int], results: list[_Row]) -> torch.Tensor:
-        """The first forward, over the whole prompt: next-token logits [rows, vocab]; the logits at
-        the start token give each row's no-speech probability on the way."""
-        last = step_input.shape[1] - 1
-        start = self.start_position(step_input[0].tolist())
-        wanted = [last] if start is None or start == last else [start, last]
-        logits = self.family.logits(step_input, states, mask, cache, last=wanted)
-        if start is not None:
-            self.record_no_speech(logits[:, 0], live, results)
-        return logits[:, -1]
+        """The first forward of a plain decode, over the whole prompt: next-token logits [rows, vocab]."""
+        return self.first_logits(step_input, states, mask, cache, step_input[0].tolist(), live, results)[:, -1]
 
-    def start_position(self, prompt: list[int]) -> int | None:
-        """Where <|startoftranscript|> is in ``prompt`` when the model has a no-speech token, else None."""
+    def first_logits(self, inputs, states, mask, cache, prompt: list[int], live: list[int], results: list[_Row]):
+        """The first forward, over the prompt (and any draft after it): logits [rows, positions, vocab]
+        of the positions from the prompt's last on, each predicting the next token. The logits at
+        <|startoftranscript|> give each row's no-speech probability (openai-whisper's: softmax of the
+        raw logits there) on the way; no other position is projected (the costliest part of a step)."""
+        first = len(prompt) - 1
+        wanted = list(range(first, inputs.shape[1]))
         start = getattr(self.family, "start_token", None)
-        if self.family.no_speech_token is None or start not in prompt:
-            return None
-        return prompt.index(start)
-
-    def record_no_speech(self, start_logits, live: list[int], results: list[_Row]) -> None:
-        """openai-whisper's no_speech_prob: softmax of the raw logits after <|startoftranscript|>."""
-        probs = start_logits.float().softmax(dim=-1)[:, self.family.no_speech_token].tolist()
-        for row, prob in zip(live, probs):
-            results[row].no_speech_prob = prob
+        record = self.family.no_speech_token is not None and start in prompt
+        if record and prompt.index(start) < first:
+            wanted.insert(0, prompt.index(start))
+        logits = self.family.logits(inputs, states, mask, cache, last=wanted)
+        if record:
+            at_start = logits[:, wanted.index(prompt.index(start))].float()
+            for row, prob in zip(live, at_start.softmax(dim=-1)[:, self.family.no_speech_token].tolist()):
+                results[row].no_speech_prob = prob
+        return logits[:, len(wanted) - (inputs.shape[1] - first):]
 
     def add_logprobs(self, scores, tokens, live: list[int], results: list[_Row]) -> None:
         """Add each row's log-probability of its chosen token (scores: after the logits processors)."""

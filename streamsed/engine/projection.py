@@ -76,16 +76,19 @@ def _transposed(weight: torch.Tensor) -> torch.Tensor:
     nothing in streamsed changes a loaded model that way. Dropped with the weight."""
     key = id(weight)
     state = (_version(weight), weight.data_ptr(), weight.dtype, tuple(weight.shape))
-    entry = _copies.get(key)
-    if entry is not None and entry[0]() is weight and entry[1] == state:
-        return entry[2]
-    with _copies_lock:  # two lanes missing at once: one builds the copy, the other takes it
+
+    def cached():
         entry = _copies.get(key)
-        if entry is not None and entry[0]() is weight and entry[1] == state:
-            return entry[2]
-        copy = weight.detach().t().contiguous()
-        _copies[key] = (weakref.ref(weight, lambda _, key=key: _copies.pop(key, None)), state, copy)
-        return copy
+        return entry[2] if entry is not None and entry[0]() is weight and entry[1] == state else None
+
+    copy = cached()
+    if copy is None:
+        with _copies_lock:  # two lanes missing at once: one builds the copy, the other takes it
+            copy = cached()
+            if copy is None:
+                copy = weight.detach().t().contiguous()
+                _copies[key] = (weakref.ref(weight, lambda _, key=key: _copies.pop(key, None)), state, copy)
+    return copy
 
 
 def _version(tensor: torch.Tensor) -> int:

@@ -173,7 +173,7 @@ def auto_lanes(engine) -> int:
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
-_INT8_PARTIAL = "partial_int8"  # cost key of the partials that run on the int8 twin beside float ones
+_INT8_PARTIAL = "partial_int8"  # cost key of the partials that run on the int8 twin
 
 
 def _staleness(request: _Request) -> tuple[bool, float]:
@@ -241,7 +241,7 @@ class EngineWorker:
         self.final_deadline_s = final_deadline_ms / 1000
         self.windows["file"] = self.windows["final"]  # a file's segments decode as live finals do
         self._cost = dict.fromkeys(KINDS, 0.0)  # moving average of seconds per request, by kind
-        if self.partial_dtype == "int8-first":
+        if self.partial_dtype != "same":
             self._cost[_INT8_PARTIAL] = 0.0  # partials on the twin cost their own
         self._overloaded_since: float | None = None
         self.started_at = time.monotonic()
@@ -450,7 +450,7 @@ class EngineWorker:
                 room = max(room, 1)  # an idle engine always runs one, even if it costs more than the budget
             taken = waiting[: max(room, 0)]
             batch += taken
-            spare -= sum(self._cost[self._cost_key(r)] for r in taken)
+            spare -= sum(map(self._cost_of, taken))
             if kind == "partial" and len(taken) < len(waiting):
                 with self._stats_lock:
                     self._stats.deferred += len(waiting) - len(taken)
@@ -478,7 +478,7 @@ class EngineWorker:
             return self.max_batch_utterances
         count = 0
         for request in waiting:
-            cost = self._cost[self._cost_key(request)]
+            cost = self._cost_of(request)
             if cost > spare:
                 break
             spare -= cost
@@ -492,7 +492,11 @@ class EngineWorker:
         return self.partial_dtype == "int8" or request.shown is None
 
     def _cost_key(self, request: _Request) -> str:
-        return _INT8_PARTIAL if _INT8_PARTIAL in self._cost and self._on_twin(request) else request.kind
+        return _INT8_PARTIAL if self._on_twin(request) else request.kind
+
+    def _cost_of(self, request: _Request) -> float:
+        """Measured engine seconds for ``request`` (0 while its cost key has none)."""
+        return self._cost[self._cost_key(request)]
 
     def _track_overload(self, now: float, finals: list[_Request]) -> None:
         """Enter overload when the oldest final is past its deadline; leave once no final is late and
@@ -557,7 +561,7 @@ class EngineWorker:
         started = time.perf_counter()
         begun = time.monotonic()
         only_partials = all(r.kind == "partial" for r in batch)
-        costs = [self._cost[self._cost_key(r)] for r in batch]
+        costs = [self._cost_of(r) for r in batch]
         expected = sum(costs) if all(costs) else 0.0  # 0: not every request's cost is known yet
         should_stop = (lambda: self._partials_must_yield(started, expected)) if only_partials else None
         groups: dict[tuple[int, str], list[int]] = {}  # one encoder pass per (engine, window)
@@ -588,7 +592,7 @@ class EngineWorker:
                 count = len(batch[index].targets)
                 results[index] = hypotheses[first : first + count]
                 first += count
-            self._learn_cost([batch[i] for i in members], time.perf_counter() - group_started)
+            self._learn_cost(requests, time.perf_counter() - group_started)
         seconds = time.perf_counter() - started
         for request, hypotheses in zip(batch, results):
             for hypothesis in hypotheses:
